@@ -1,0 +1,155 @@
+"""One step and the forward pass: controlled Euler trajectories.
+
+Step k (k = 0 .. N-1), with control u_k added to the state *before* the step::
+
+    y_k     = x_k + u_k
+    x_{k+1} = y_k + dt_k * v(y_k, t_k)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .grid import DEFAULT_EPS, TimeGrid
+from .velocity import Velocity, check_velocity
+
+__all__ = ["Trajectory", "trajectory", "integrate", "euler_step", "resolve_grid", "check_controls"]
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """A controlled Euler trajectory.
+
+    Attributes:
+        grid: the time grid (N steps).
+        states: (N+1, B, C, H, W) states x_0 .. x_N *before* each step's control (x_0 = z0).
+        controls: (N, B, C, H, W) the controls u_k, or None for an uncontrolled trajectory.
+        velocities: (N, B, C, H, W) v(y_k, t_k), or None when not kept.
+        velocity_sq_norms: (N, B) ||v_k||^2 per image (always kept; float64).
+        velocity_diff_sq_norms: (N-1, B) ||v_{k+1} - v_k||^2 per image (always kept; float64).
+    """
+
+    grid: TimeGrid
+    states: Tensor
+    controls: Tensor | None
+    velocities: Tensor | None
+    velocity_sq_norms: Tensor
+    velocity_diff_sq_norms: Tensor
+
+    @property
+    def final(self) -> Tensor:
+        """(B, C, H, W) the last state x_N."""
+        return self.states[-1]
+
+    @property
+    def n_steps(self) -> int:
+        return self.grid.n_steps
+
+    def step_input(self, k: int) -> Tensor:
+        """(B, C, H, W) y_k = x_k + u_k, the point where step k evaluates the velocity."""
+        x = self.states[k]
+        return x if self.controls is None else x + self.controls[k]
+
+
+def euler_step(velocity: Velocity, y: Tensor, t: Tensor, dt: float) -> tuple[Tensor, Tensor]:
+    """One Euler step from the controlled state ``y``; returns (x_next, v)."""
+    v = velocity(y, t)
+    return torch.add(y, v, alpha=dt), v
+
+
+def resolve_grid(n_steps: int | TimeGrid, eps: float) -> TimeGrid:
+    """Accept an int (uniform paper grid) or an explicit :class:`TimeGrid`."""
+    return n_steps if isinstance(n_steps, TimeGrid) else TimeGrid.uniform(n_steps, eps)
+
+
+def check_latents(z0: Tensor, name: str = "z0") -> None:
+    if not isinstance(z0, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(z0).__name__}")
+    if z0.dim() != 4:
+        raise ValueError(f"{name} must have shape (B, C, H, W), got {tuple(z0.shape)}")
+    if not z0.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {z0.dtype}")
+
+
+def check_controls(controls: Tensor | None, grid: TimeGrid, z0: Tensor) -> None:
+    """Validate controls of shape (N, B, C, H, W) matching the grid and z0."""
+    if controls is None:
+        return
+    expected = (grid.n_steps, *z0.shape)
+    if not isinstance(controls, Tensor):
+        raise TypeError(f"controls must be a torch.Tensor or None, got {type(controls).__name__}")
+    if tuple(controls.shape) != expected:
+        raise ValueError(f"controls must have shape (n_steps, B, C, H, W) = {expected}, "
+                         f"got {tuple(controls.shape)}")
+
+
+def _sq_norm(v: Tensor) -> Tensor:
+    """(B,) squared L2 norm per image, accumulated in float64."""
+    return torch.linalg.vector_norm(v.flatten(1), dim=1, dtype=torch.float64).square()
+
+
+def integrate(velocity: Velocity, z0: Tensor, grid: TimeGrid, controls: Tensor | None = None, *,
+              keep_states: bool = True, keep_velocities: bool = False) -> Trajectory:
+    """Integrate ``z0`` along ``grid`` with optional controls (no autograd graph is built).
+
+    Args:
+        velocity: v(x, t).
+        z0: (B, C, H, W) the state at the start of the grid.
+        grid: the Euler time grid.
+        controls: (N, B, C, H, W) or None.
+        keep_states: store all states (needed for backprop); otherwise only x_0 and x_N.
+        keep_velocities: also store every velocity (N, B, C, H, W).
+
+    Returns:
+        The trajectory, always with per-image velocity norms for the straightness statistic.
+    """
+    check_latents(z0)
+    check_controls(controls, grid, z0)
+    n, b = grid.n_steps, z0.shape[0]
+    times = grid.time_tensor(z0.device, z0.dtype)
+    states = torch.empty((n + 1 if keep_states else 2, *z0.shape), dtype=z0.dtype, device=z0.device)
+    velocities = (torch.empty((n, *z0.shape), dtype=z0.dtype, device=z0.device)
+                  if keep_velocities else None)
+    sq_norms = torch.empty((n, b), dtype=torch.float64, device=z0.device)
+    diff_sq = torch.empty((max(n - 1, 0), b), dtype=torch.float64, device=z0.device)
+    states[0] = z0
+    x, v_prev = z0, None
+    with torch.no_grad():
+        for k in range(n):
+            y = x if controls is None else x + controls[k]
+            t = times[k].expand(b)
+            v = check_velocity(velocity, y, t) if k == 0 else velocity(y, t)
+            x = torch.add(y, v, alpha=grid.steps[k])
+            if keep_states:
+                states[k + 1] = x
+            if velocities is not None:
+                velocities[k] = v
+            sq_norms[k] = _sq_norm(v)
+            if v_prev is not None:
+                diff_sq[k - 1] = _sq_norm(v - v_prev)
+            v_prev = v
+        if not keep_states:
+            states[1] = x
+    return Trajectory(grid=grid, states=states, controls=controls, velocities=velocities,
+                      velocity_sq_norms=sq_norms, velocity_diff_sq_norms=diff_sq)
+
+
+def trajectory(velocity: Velocity, z0: Tensor, n_steps: int | TimeGrid, controls: Tensor | None = None,
+               eps: float = DEFAULT_EPS, *, keep_velocities: bool = True) -> Trajectory:
+    """Run the controlled Euler ODE from noise ``z0`` (t = eps) to data (t = 1).
+
+    Args:
+        velocity: any callable v(x, t) with x (B, C, H, W) and t (B,) in [0, 1].
+        z0: (B, C, H, W) latent noise at t = eps.
+        n_steps: number of Euler steps N (uniform paper grid), or an explicit :class:`TimeGrid`.
+        controls: (N, B, C, H, W) additive controls u_k, or None.
+        eps: start time of the uniform grid.
+        keep_velocities: store every velocity (default True; the engine itself keeps only norms).
+
+    Returns:
+        :class:`Trajectory` with states x_0 .. x_N and the velocities.
+    """
+    return integrate(velocity, z0, resolve_grid(n_steps, eps), controls, keep_velocities=keep_velocities)

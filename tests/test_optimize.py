@@ -1,0 +1,111 @@
+"""FlowGrad optimization: best-so-far tracking, NaN isolation, windows, optimizers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from fields import ConvField
+
+import flowgrad
+from flowgrad import FlowGradConfig
+
+
+def convex_loss(target):
+    return lambda x: (x - target).square().flatten(1).mean(1)
+
+
+def test_best_so_far_decreases_and_returned_controls_reproduce_images(capsys):
+    field = ConvField()
+    z0 = torch.randn(3, 3, 5, 5, dtype=torch.float64)
+    target = torch.randn_like(z0)
+    seen = []
+    res = flowgrad.optimize(field, z0, convex_loss(target), n_steps=20, iterations=8, lr=0.05,
+                            threshold=5e-3, callback=seen.append)
+    hist = res.loss_history
+    assert hist.shape == (9, 3)
+    best_so_far = torch.cummin(hist, 0).values
+    assert torch.all(best_so_far[1:] <= best_so_far[:-1])
+    assert torch.all(res.best_loss < hist[0] * 0.5)
+    assert torch.equal(res.best_loss, best_so_far[-1])
+    # the returned controls and images are those of the best iteration
+    replay = flowgrad.trajectory(field, z0, 20, res.controls).final
+    assert torch.allclose(replay, res.images, atol=1e-12)
+    assert torch.allclose(convex_loss(target)(res.images), res.best_loss, rtol=1e-10)
+    assert [info.iteration for info in seen] == list(range(9))
+    assert res.segment_counts.shape == (8, 3) and int(res.segment_counts.min()) >= 1
+    assert res.status == ("ok", "ok", "ok")
+    assert set(res.timings) == {"forward", "loss", "backward"}
+    assert capsys.readouterr().out == ""  # the library never prints
+
+
+def test_keeps_best_not_last_when_the_step_size_diverges():
+    field = ConvField()
+    z0 = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    res = flowgrad.optimize(field, z0, convex_loss(torch.zeros_like(z0)), n_steps=10, iterations=6,
+                            lr=40.0, threshold=None)
+    hist = res.loss_history
+    assert float(hist[-1].min()) > float(hist.min(0).values.max())  # diverged at the end
+    assert torch.equal(res.best_loss, hist.min(0).values)
+    for b in range(2):
+        assert res.best_iteration[b] == int(hist[:, b].argmin())
+
+
+def test_nonfinite_loss_on_one_image_never_poisons_the_others():
+    field = ConvField()
+    z0 = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    target = torch.randn_like(z0)
+
+    def loss(x):
+        out = (x - target).square().flatten(1).mean(1)
+        bad = torch.zeros_like(out)
+        bad[1] = math.nan
+        return out + bad
+
+    res = flowgrad.optimize(field, z0, loss, n_steps=12, iterations=4, lr=1.0, threshold=5e-3)
+    assert res.status[1] == "nonfinite@0" and res.status[0] == res.status[2] == "ok"
+    assert math.isnan(float(res.best_loss[1]))
+    assert torch.all(res.controls[:, 1] == 0)
+    keep = [0, 2]
+    ref = flowgrad.optimize(field, z0[keep], convex_loss(target[keep]), n_steps=12, iterations=4, lr=1.0,
+                            threshold=5e-3)
+    assert torch.allclose(res.best_loss[keep], ref.best_loss, rtol=1e-12)
+    assert torch.allclose(res.controls[:, keep], ref.controls, atol=1e-12)
+
+
+def test_batch_results_equal_single_image_runs():
+    field = ConvField()
+    z0 = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    target = torch.randn_like(z0)
+    batch = flowgrad.optimize(field, z0, convex_loss(target), n_steps=15, iterations=3, lr=1.0)
+    for i in range(3):
+        single = flowgrad.optimize(field, z0[i:i + 1], convex_loss(target[i:i + 1]), n_steps=15,
+                                   iterations=3, lr=1.0)
+        assert torch.allclose(batch.controls[:, i], single.controls[:, 0], atol=1e-12)
+        assert torch.equal(batch.segment_counts[:, i], single.segment_counts[:, 0])
+
+
+def test_time_window_and_adam():
+    field = ConvField()
+    z0 = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    res = flowgrad.optimize(field, z0, convex_loss(torch.randn_like(z0)), n_steps=10, iterations=3,
+                            lr=0.05, optimizer="adam", t_window=(0.0, 0.45))
+    mask = flowgrad.TimeGrid.uniform(10).window_mask(0.0, 0.45)
+    assert torch.all(res.controls[~mask] == 0)
+    assert torch.all(res.controls[mask].flatten(1).abs().sum(1) > 0)
+    assert torch.all(res.best_loss < res.initial_loss)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="lr"):
+        FlowGradConfig(lr=-1.0)
+    with pytest.raises(ValueError, match="optimizer"):
+        FlowGradConfig(optimizer="lbfgs")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="t_window"):
+        FlowGradConfig(t_window=(0.8, 0.2))
+    cfg = FlowGradConfig(n_steps=5, iterations=1, lr=0.1, threshold=None)
+    field = ConvField()
+    z0 = torch.randn(1, 3, 3, 3, dtype=torch.float64)
+    res = flowgrad.optimize(field, z0, convex_loss(torch.zeros_like(z0)), config=cfg)
+    assert res.config == cfg and res.loss_history.shape == (2, 1)
