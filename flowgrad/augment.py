@@ -1,0 +1,215 @@
+"""Differentiable image augmentations (DiffAugment-style), pure torch.
+
+CLIP guidance scores many randomly augmented copies of each image so that the gradient pushes
+the image's content, not one adversarial pixel pattern (FlowGrad uses the DiffAugment policy
+``"color,translation,resize,cutout"``). Every op here is differentiable with respect to the
+pixels; the random parameters are not.
+
+Randomness is split from application so that it can be controlled and tested:
+
+* :func:`sample_augment_params` draws one :class:`AugmentParams` (uniform numbers in [0, 1),
+  one row per sample) from a CPU :class:`torch.Generator`;
+* :func:`apply_augment` applies them to ``x`` (B, C, H, W) with B equal to the number of rows;
+  row ``i`` only ever touches ``x[i]``, so samples are independent of each other;
+* :func:`diff_augment` does both.
+
+Parameters are stored as uniforms and mapped to each op's range at application time, so the
+same params work for any image size.
+
+Value range: the ops accept any range, but the magnitudes follow DiffAugment for images in
+[0, 1] (brightness shifts by up to +-0.5). Outputs are not clamped.
+
+Ops (applied in policy order):
+
+* ``color``: brightness ``x + (u - 0.5)``, then saturation ``(x - mean_c) * 2u + mean_c``
+  (mean over channels per pixel), then contrast ``(x - mean) * (u + 0.5) + mean`` (mean over
+  C, H, W), each with its own u per sample.
+* ``translation``: integer shift by up to ``round(size / 8)`` pixels in each axis, zero padding.
+* ``resize``: zoom about the centre by a factor in [0.8, 1.2] (bilinear, zero padding): > 1
+  crops and enlarges, < 1 shrinks with a zero border; output size equals input size.
+* ``cutout``: a zeroed square of half the image size (clipped at the borders) at a uniformly
+  random centre.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "AugmentParams", "POLICY_OPS", "Policy", "apply_augment", "diff_augment", "parse_policy",
+    "sample_augment_params",
+]
+
+POLICY_OPS: tuple[str, ...] = ("color", "translation", "resize", "cutout")
+"""The known ops, in FlowGrad's default order."""
+
+Policy = str | Sequence[str]
+"""A comma-separated string (``"color,cutout"``) or a sequence of op names."""
+
+TRANSLATION_RATIO = 0.125
+"""Largest shift as a fraction of the image size."""
+RESIZE_RANGE = (0.8, 1.2)
+"""Zoom factors of the ``resize`` op."""
+CUTOUT_RATIO = 0.5
+"""Side of the cutout square as a fraction of the image size."""
+
+# Uniforms per sample drawn by each op, in draw order.
+_DRAWS = {"color": 3, "translation": 2, "resize": 1, "cutout": 2}
+
+
+@dataclass(frozen=True, eq=False)
+class AugmentParams:
+    """Random parameters of one augmentation pass; row ``i`` belongs to sample ``i``.
+
+    All fields are uniforms in [0, 1); an op that is not in ``policy`` has ``None``.
+
+    Attributes:
+        policy: the ops to apply, in order.
+        color: (N, 3) brightness, saturation, contrast uniforms.
+        translation: (N, 2) shift uniforms for (y, x).
+        resize: (N, 1) zoom uniform.
+        cutout: (N, 2) centre uniforms for (y, x).
+    """
+
+    policy: tuple[str, ...]
+    color: Tensor | None = None
+    translation: Tensor | None = None
+    resize: Tensor | None = None
+    cutout: Tensor | None = None
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name != "policy" and getattr(self, f.name) is not None}
+
+    def __len__(self) -> int:
+        tensors = self._tensors()
+        return next(iter(tensors.values())).shape[0] if tensors else 0
+
+    def select(self, index: Tensor | slice | int) -> AugmentParams:
+        """The rows ``index`` (a slice, an int, or a 1-D index tensor) as new params."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return replace(self, **{k: v[index] for k, v in self._tensors().items()})
+
+    def to(self, device: torch.device | str) -> AugmentParams:
+        """The same params on ``device``."""
+        return replace(self, **{k: v.to(device) for k, v in self._tensors().items()})
+
+
+def parse_policy(policy: Policy) -> tuple[str, ...]:
+    """Normalize a policy to a tuple of known op names (empty policy -> no ops).
+
+    Raises:
+        ValueError: on an unknown op name.
+        TypeError: if ``policy`` is neither a string nor a sequence of strings.
+    """
+    if isinstance(policy, str):
+        ops = tuple(p.strip() for p in policy.split(",") if p.strip())
+    elif isinstance(policy, Sequence) and all(isinstance(p, str) for p in policy):
+        ops = tuple(policy)
+    else:
+        raise TypeError(f"policy must be a comma-separated str or a sequence of op names, "
+                        f"got {type(policy).__name__}")
+    unknown = [op for op in ops if op not in POLICY_OPS]
+    if unknown:
+        raise ValueError(f"policy has unknown op(s) {unknown}; expected names from {POLICY_OPS}")
+    return ops
+
+
+def sample_augment_params(policy: Policy, n: int, generator: torch.Generator) -> AugmentParams:
+    """Draw parameters for ``n`` samples from ``generator`` (a CPU generator).
+
+    Draws happen op by op in policy order, ``n`` rows at a time, so the same generator state
+    gives the same params.
+    """
+    ops = parse_policy(policy)
+    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+        raise TypeError(f"generator must be a CPU torch.Generator, got {generator!r}; "
+                        f"create one with torch.Generator().manual_seed(seed)")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    drawn = {op: torch.rand(n, _DRAWS[op], generator=generator) for op in ops}
+    return AugmentParams(policy=ops, **drawn)
+
+
+def apply_augment(x: Tensor, params: AugmentParams) -> Tensor:
+    """Apply ``params`` to ``x``; differentiable with respect to ``x``.
+
+    Args:
+        x: (B, C, H, W) images, B == len(params).
+        params: from :func:`sample_augment_params` (moved to ``x.device`` here).
+
+    Returns:
+        (B, C, H, W) augmented images, same dtype as ``x``.
+    """
+    if not isinstance(x, Tensor) or x.ndim != 4:
+        raise ValueError(f"x must be a (B, C, H, W) tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    if params.policy and len(params) != x.shape[0]:
+        raise ValueError(f"params has {len(params)} rows but x has batch {x.shape[0]}; "
+                         f"sample params with n=x.shape[0]")
+    params = params.to(x.device)
+    for op in params.policy:
+        u = getattr(params, op).to(x.dtype)
+        x = _OPS[op](x, u)
+    return x
+
+
+def diff_augment(x: Tensor, policy: Policy, generator: torch.Generator) -> Tensor:
+    """Augment each sample of ``x`` (B, C, H, W) independently; returns (B, C, H, W).
+
+    Parameters are drawn from ``generator`` (CPU) and moved to ``x.device``.
+    """
+    return apply_augment(x, sample_augment_params(policy, x.shape[0], generator))
+
+
+def _color(x: Tensor, u: Tensor) -> Tensor:
+    brightness, saturation, contrast = (u[:, i].view(-1, 1, 1, 1) for i in range(3))
+    x = x + (brightness - 0.5)
+    mean_c = x.mean(dim=1, keepdim=True)
+    x = (x - mean_c) * (saturation * 2.0) + mean_c
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) * (contrast + 0.5) + mean
+
+
+def _translation(x: Tensor, u: Tensor) -> Tensor:
+    b, _, h, w = x.shape
+    sy, sx = int(h * TRANSLATION_RATIO + 0.5), int(w * TRANSLATION_RATIO + 0.5)
+    # Integer shifts in [-s, s]; out[y, x] = in[y - dy, x - dx], zero outside.
+    dy = (u[:, 0] * (2 * sy + 1)).floor().long().clamp(max=2 * sy) - sy
+    dx = (u[:, 1] * (2 * sx + 1)).floor().long().clamp(max=2 * sx) - sx
+    padded = F.pad(x, (sx, sx, sy, sy))
+    rows = torch.arange(h, device=x.device)[None, :] + sy - dy[:, None]  # (B, H)
+    cols = torch.arange(w, device=x.device)[None, :] + sx - dx[:, None]  # (B, W)
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2)
+
+
+def _resize(x: Tensor, u: Tensor) -> Tensor:
+    low, high = RESIZE_RANGE
+    zoom = low + (high - low) * u[:, 0]
+    theta = torch.zeros(x.shape[0], 2, 3, dtype=x.dtype, device=x.device)
+    theta[:, 0, 0] = 1.0 / zoom
+    theta[:, 1, 1] = 1.0 / zoom
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _cutout(x: Tensor, u: Tensor) -> Tensor:
+    _, _, h, w = x.shape
+    ch, cw = int(h * CUTOUT_RATIO + 0.5), int(w * CUTOUT_RATIO + 0.5)
+    cy = (u[:, 0] * h).floor().long().clamp(max=h - 1)
+    cx = (u[:, 1] * w).floor().long().clamp(max=w - 1)
+    ys = torch.arange(h, device=x.device)[None, :] - (cy[:, None] - ch // 2)  # (B, H)
+    xs = torch.arange(w, device=x.device)[None, :] - (cx[:, None] - cw // 2)  # (B, W)
+    inside = ((ys >= 0) & (ys < ch))[:, :, None] & ((xs >= 0) & (xs < cw))[:, None, :]
+    return x * (~inside).to(x.dtype)[:, None]
+
+
+_OPS = {"color": _color, "translation": _translation, "resize": _resize, "cutout": _cutout}
