@@ -1,0 +1,87 @@
+"""Shared CLI plumbing: one-line errors, device choice, progress bars, logging."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+
+import click
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything can import open_clip / huggingface_hub
+
+log = logging.getLogger("flowgrad")
+
+
+class CliError(click.ClickException):
+    """A user-facing error: printed as one line, exit status 1."""
+
+    def show(self, file=None) -> None:  # one line, no "Usage" block
+        click.echo(f"error: {self.format_message()}", err=True, file=file)
+
+
+def console(message: str) -> None:
+    """User-facing output of a command (stdout)."""
+    click.echo(message)
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        stream=sys.stderr)
+
+
+def pick_device(spec: str):
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise CliError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"device {spec!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+@contextlib.contextmanager
+def progress_callback(total: int, desc: str, unit: str = "step") -> Iterator[Callable]:
+    """A tqdm bar driven by ``callback(step, metrics)`` calls from the library."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr,
+               disable=None if sys.stderr.isatty() else True)
+
+    def callback(step: int, metrics: dict) -> None:
+        bar.n = step + 1
+        if metrics:
+            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+        bar.refresh()
+
+    try:
+        yield callback
+    finally:
+        bar.close()
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    """Turn the library's validation errors into one-line CLI errors (never a traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except (ValueError, TypeError, FileNotFoundError, PermissionError, ImportError, KeyError) as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CliError(message) from None
+        except OSError as exc:
+            raise CliError(f"{exc.strerror or exc}: {exc.filename or ''}".strip(": ")) from None
+        except KeyboardInterrupt:
+            raise CliError("interrupted") from None
+
+    return wrapper

@@ -1,0 +1,140 @@
+"""`flowgrad demo ...`: train, evaluate and look at the embedded demo world."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from .common import CliError, console, pick_device, progress_callback
+
+
+@click.group("demo")
+def demo() -> None:
+    """The embedded demo world: synthetic portraits, a small rectified flow, a tiny CLIP, a judge."""
+
+
+def _card() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+@demo.command("train")
+@click.option("--part", type=click.Choice(["flow", "clip", "judge", "all"]), default="all", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("data/demo"),
+              show_default=True, help="Folder for the weights (and the manifest).")
+@click.option("--steps", type=int, default=None, help="Optimizer steps (default per part: 30000/6000/6000).")
+@click.option("--max-seconds", type=float, default=None, help="Stop a part early after this long.")
+@click.option("--batch-size", type=int, default=None, help="Default per part: 256/512/256.")
+@click.option("--lr", type=float, default=None, help="Default per part: 3e-4/5e-4/1e-3.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--workers", type=int, default=0, show_default=True, help="Caption/tokenizer worker processes (clip).")
+def train(part: str, out_dir: Path, steps: int | None, max_seconds: float | None, batch_size: int | None,
+          lr: float | None, seed: int, device: str, workers: int) -> None:
+    """Train the demo models from streamed renders and write fp16 weights + a manifest entry."""
+    from flowgrad.demo import train as tr
+    from flowgrad.demo.world import CLIP_CONFIG, WEIGHT_FILES, save_payload
+
+    dev = pick_device(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    defaults = {"flow": (30_000, 256, 3e-4), "clip": (6_000, 512, 5e-4), "judge": (6_000, 256, 1e-3)}
+    parts = ["flow", "clip", "judge"] if part == "all" else [part]
+    for name in parts:
+        d_steps, d_bs, d_lr = defaults[name]
+        cfg = tr.TrainConfig(steps=steps or d_steps, batch_size=batch_size or d_bs, lr=lr or d_lr, seed=seed,
+                             max_seconds=max_seconds, warmup=min(500, (steps or d_steps) // 10))
+        with progress_callback(total=cfg.steps, desc=f"train {name}") as cb:
+            if name == "flow":
+                res = tr.train_flow(cfg, device=dev, callback=cb)
+                config = res.model.config.to_dict()
+            elif name == "clip":
+                config_json = Path(__file__).resolve().parents[1] / "data" / "demo" / CLIP_CONFIG
+                if (out_dir / CLIP_CONFIG).is_file():
+                    config_json = out_dir / CLIP_CONFIG
+                res = tr.train_clip(cfg, str(config_json), device=dev, workers=workers, callback=cb)
+                config = None
+            else:
+                res = tr.train_judge(cfg, device=dev, callback=cb)
+                config = res.model.config.to_dict()
+        entry = save_payload(res.model, config, out_dir / WEIGHT_FILES[name])
+        command = ["flowgrad", "demo", "train", "--part", name, "--steps", str(res.steps),
+                   "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr), "--seed", str(seed)]
+        entry.update(part=name, steps=res.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
+                     wall_time_s=round(res.seconds, 1), card=_card(), torch=torch.__version__,
+                     command=shlex.join(command), invoked_as=shlex.join(sys.argv))
+        (out_dir / f"train_{name}.json").write_text(json.dumps(entry, indent=2) + "\n")
+        console(f"{name}: {res.steps} steps in {res.seconds:.0f}s -> {out_dir / WEIGHT_FILES[name]} "
+                f"({entry['parameters']:,} parameters, sha256 {entry['sha256'][:12]}…)")
+
+
+@demo.command("manifest")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=Path("data/demo"),
+              show_default=True)
+def manifest(directory: Path) -> None:
+    """Merge the train_*.json records of a weights folder into manifest.json (checksums verified)."""
+    from flowgrad.demo.world import WEIGHT_FILES, sha256_file
+
+    files = {}
+    for name, filename in WEIGHT_FILES.items():
+        record_path = directory / f"train_{name}.json"
+        if not record_path.is_file():
+            raise CliError(f"{record_path} is missing; run `flowgrad demo train --part {name}` first")
+        record = json.loads(record_path.read_text())
+        actual = sha256_file(directory / filename)
+        if actual != record["sha256"]:
+            raise CliError(f"{directory / filename} does not match {record_path} (sha256 {actual[:12]}…)")
+        files[filename] = record
+    (directory / "manifest.json").write_text(json.dumps({"files": files}, indent=2) + "\n")
+    console(f"wrote {directory / 'manifest.json'} ({len(files)} files)")
+
+
+@demo.command("evaluate")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Weights folder (default: the committed data/demo).")
+@click.option("--n", "n_images", type=int, default=2000, show_default=True)
+@click.option("--steps", "n_steps", type=int, default=100, show_default=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the report as JSON here.")
+@click.option("--grid", "grid_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Save an 8x8 grid of flow samples here (PNG).")
+@click.option("--device", default="auto", show_default=True)
+def evaluate(directory: Path | None, n_images: int, n_steps: int, out_path: Path | None,
+             grid_path: Path | None, device: str) -> None:
+    """Measure the quality gates (judge R²/accuracy, CLIP zero-shot, flow statistics)."""
+    from flowgrad.clip_guidance import load_clip
+    from flowgrad.demo import evaluate as ev
+    from flowgrad.demo.registry import load_registry
+    from flowgrad.demo.render import render
+    from flowgrad.demo.world import demo_clip_spec, load_demo_flow, load_judge
+
+    dev = pick_device(device)
+    t0 = time.perf_counter()
+    judge_net = load_judge(dev, directory)
+    flow = load_demo_flow(dev, directory)
+    clip = load_clip(demo_clip_spec(directory), device=dev)
+    registry = load_registry()
+    attrs = [registry[a] for a in ev.ZERO_SHOT_ATTRIBUTES]
+    report: dict = {"judge": ev.judge_quality(judge_net, n_images, dev)}
+    images, factors = render(n_images, seed=ev.EVAL_SEED + 3, device=dev)
+    report["clip_zero_shot_renders"] = ev.zero_shot_accuracy(clip, images, factors, attrs)
+    report["flow"], samples = ev.flow_quality(flow, judge_net, n_images, n_steps, dev)
+    judged = dict(zip(judge_net.config.factors, ev.predict(judge_net, samples).cpu().T))
+    report["clip_zero_shot_flow_samples"] = ev.zero_shot_accuracy(clip, samples, judged, attrs)
+    report["card"] = _card()
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    text = json.dumps(report, indent=2)
+    if out_path:
+        out_path.write_text(text + "\n")
+    if grid_path:
+        from .images import save_grid
+
+        save_grid(samples[:64], grid_path, nrow=8, scale=2)
+    console(text)

@@ -1,0 +1,22 @@
+"""The `flowgrad` command group."""
+
+from __future__ import annotations
+
+import click
+
+from .common import setup_logging
+from .demo import demo
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log what is being done.")
+@click.version_option(package_name="flowgrad")
+def flowgrad(verbose: bool) -> None:
+    """Steer frozen rectified flows with gradients (FlowGrad) and manage semantic directions."""
+    setup_logging(verbose)
+
+
+flowgrad.add_command(demo)
+
+if __name__ == "__main__":
+    flowgrad()

@@ -1,0 +1,129 @@
+"""The attribute registry: named edit targets (prompts, and the demo-world factor that measures them).
+
+The registry is a TOML file (``data/attributes.toml``) with one table per attribute::
+
+    [old]
+    prompt = "a photo of an old person"
+    negative_prompt = "a photo of a young person"
+    factor = "age"        # optional: a name in flowgrad.demo.render.FACTOR_NAMES
+    direction = 1         # +1: the factor should rise under the edit, -1: fall
+
+The data directory is the repository's ``data/`` unless the environment variable
+``FLOWGRAD_DATA`` names another directory.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .render import FACTOR_NAMES
+
+__all__ = ["Attribute", "DATA_ENV", "data_dir", "get_attribute", "load_registry", "registry_path"]
+
+DATA_ENV = "FLOWGRAD_DATA"
+"""Environment variable that overrides the data directory."""
+
+_FILE = "attributes.toml"
+_KEYS = {"prompt", "negative_prompt", "factor", "direction"}
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """One edit target.
+
+    Attributes:
+        name: registry key, e.g. ``"old"``.
+        prompt: text the edit moves towards.
+        negative_prompt: text the edit moves away from ("" for none).
+        factor: demo-world factor measuring the attribute, or None.
+        direction: +1 if ``factor`` should rise under the edit, -1 if it should fall.
+    """
+
+    name: str
+    prompt: str
+    negative_prompt: str
+    factor: str | None
+    direction: int
+
+
+def data_dir() -> Path:
+    """``$FLOWGRAD_DATA`` if set, else the repository's ``data/`` directory."""
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "data"
+
+
+def registry_path() -> Path:
+    """Path of the default registry file, ``data_dir() / "attributes.toml"``."""
+    return data_dir() / _FILE
+
+
+def _attribute(name: str, entry: object, where: Path) -> Attribute:
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: attribute {name!r} must be a table ([{name}] with prompt = ...), "
+                         f"got {type(entry).__name__}")
+    unknown = sorted(set(entry) - _KEYS)
+    if unknown:
+        raise ValueError(f"{where}: attribute {name!r} has unknown key(s) {unknown}; "
+                         f"allowed keys: {sorted(_KEYS)}")
+    prompt = entry.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"{where}: attribute {name!r} needs a non-empty string 'prompt', got {prompt!r}")
+    negative = entry.get("negative_prompt", "")
+    if not isinstance(negative, str):
+        raise ValueError(f"{where}: attribute {name!r}: 'negative_prompt' must be a string, "
+                         f"got {negative!r}")
+    factor = entry.get("factor")
+    if factor is not None and factor not in FACTOR_NAMES:
+        raise ValueError(f"{where}: attribute {name!r} names unknown factor {factor!r}; "
+                         f"known factors: {', '.join(FACTOR_NAMES)} (or leave 'factor' out)")
+    if factor is not None and "direction" not in entry:
+        raise ValueError(f"{where}: attribute {name!r} has a factor but no 'direction' (1 or -1)")
+    direction = entry.get("direction", 1)
+    if isinstance(direction, bool) or direction not in (1, -1):
+        raise ValueError(f"{where}: attribute {name!r}: 'direction' must be 1 or -1, got {direction!r}")
+    return Attribute(name=name, prompt=prompt, negative_prompt=negative, factor=factor,
+                     direction=int(direction))
+
+
+def load_registry(path: str | os.PathLike[str] | None = None) -> dict[str, Attribute]:
+    """Read an attribute registry.
+
+    Args:
+        path: a registry TOML file; defaults to :func:`registry_path`.
+
+    Returns:
+        name -> :class:`Attribute`, in file order.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        ValueError: if the file is not valid TOML or an entry is malformed.
+    """
+    where = Path(path) if path is not None else registry_path()
+    if not where.is_file():
+        raise FileNotFoundError(f"attribute registry {str(where)!r} not found; pass an existing "
+                                f"TOML file or set {DATA_ENV} to a directory holding {_FILE}")
+    try:
+        with where.open("rb") as fh:
+            table = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{where}: not valid TOML ({err})") from err
+    if not table:
+        raise ValueError(f"{where}: the registry defines no attributes")
+    return {name: _attribute(name, entry, where) for name, entry in table.items()}
+
+
+def get_attribute(name: str, path: str | os.PathLike[str] | None = None) -> Attribute:
+    """The attribute called ``name`` in the registry at ``path`` (default registry if None).
+
+    Raises:
+        ValueError: for an unknown name, listing the known ones.
+    """
+    registry = load_registry(path)
+    if name not in registry:
+        raise ValueError(f"unknown attribute {name!r}; known attributes: {', '.join(registry)}")
+    return registry[name]
