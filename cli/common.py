@@ -67,6 +67,19 @@ def progress_callback(total: int, desc: str, unit: str = "step") -> Iterator[Cal
         bar.close()
 
 
+@contextlib.contextmanager
+def progress_bar(total: int, desc: str, unit: str = "it", disable: bool = False):
+    """A tqdm bar on stderr (hidden when stderr is not a terminal or ``disable``)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr,
+               disable=True if disable else (None if sys.stderr.isatty() else True))
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
 def friendly_errors(fn: Callable) -> Callable:
     """Turn the library's validation errors into one-line CLI errors (never a traceback)."""
 

@@ -37,8 +37,12 @@ def _card() -> str:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", type=int, default=0, show_default=True, help="Caption/tokenizer worker processes (clip).")
+@click.option("--pool", type=int, default=0, show_default=True,
+              help="Pre-render this many images for the flow (0: render every batch).")
+@click.option("--init", "init_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Continue training the flow from these weights (a flow.pt).")
 def train(part: str, out_dir: Path, steps: int | None, max_seconds: float | None, batch_size: int | None,
-          lr: float | None, seed: int, device: str, workers: int) -> None:
+          lr: float | None, seed: int, device: str, workers: int, pool: int, init_path: Path | None) -> None:
     """Train the demo models from streamed renders and write fp16 weights + a manifest entry."""
     from flowgrad.demo import train as tr
     from flowgrad.demo.world import CLIP_CONFIG, WEIGHT_FILES, save_payload
@@ -53,7 +57,13 @@ def train(part: str, out_dir: Path, steps: int | None, max_seconds: float | None
                              max_seconds=max_seconds, warmup=min(500, (steps or d_steps) // 10))
         with progress_callback(total=cfg.steps, desc=f"train {name}") as cb:
             if name == "flow":
-                res = tr.train_flow(cfg, device=dev, callback=cb)
+                init = None
+                if init_path is not None:
+                    init = torch.load(init_path, map_location="cpu", weights_only=True)["state_dict"]
+                    from flowgrad.demo.world import sha256_file
+
+                    init_sha = sha256_file(init_path)
+                res = tr.train_flow(cfg, device=dev, pool=pool, init=init, callback=cb)
                 config = res.model.config.to_dict()
             elif name == "clip":
                 config_json = Path(__file__).resolve().parents[1] / "data" / "demo" / CLIP_CONFIG
@@ -67,9 +77,19 @@ def train(part: str, out_dir: Path, steps: int | None, max_seconds: float | None
         entry = save_payload(res.model, config, out_dir / WEIGHT_FILES[name])
         command = ["flowgrad", "demo", "train", "--part", name, "--steps", str(res.steps),
                    "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr), "--seed", str(seed)]
+        if name == "flow" and pool:
+            command += ["--pool", str(pool)]
+        if name == "flow" and init_path is not None:
+            command += ["--init", f"<flow.pt sha256 {init_sha}>"]
         entry.update(part=name, steps=res.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
                      wall_time_s=round(res.seconds, 1), card=_card(), torch=torch.__version__,
                      command=shlex.join(command), invoked_as=shlex.join(sys.argv))
+        if name == "flow" and init_path is not None:  # keep the provenance of the stage it continued
+            previous = init_path.with_name("manifest.json")
+            if previous.is_file():
+                prev = json.loads(previous.read_text()).get("files", {}).get(init_path.name)
+                if prev is not None and prev.get("sha256") == init_sha:
+                    entry["previous_stage"] = prev
         (out_dir / f"train_{name}.json").write_text(json.dumps(entry, indent=2) + "\n")
         console(f"{name}: {res.steps} steps in {res.seconds:.0f}s -> {out_dir / WEIGHT_FILES[name]} "
                 f"({entry['parameters']:,} parameters, sha256 {entry['sha256'][:12]}…)")
@@ -79,21 +99,25 @@ def train(part: str, out_dir: Path, steps: int | None, max_seconds: float | None
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=Path("data/demo"),
               show_default=True)
 def manifest(directory: Path) -> None:
-    """Merge the train_*.json records of a weights folder into manifest.json (checksums verified)."""
+    """Merge the train_*.json records of a weights folder into manifest.json (checksums verified).
+
+    Parts without a new train_*.json keep their entry from an existing manifest.json.
+    """
     from flowgrad.demo.world import WEIGHT_FILES, sha256_file
 
-    files = {}
+    path = directory / "manifest.json"
+    files = json.loads(path.read_text())["files"] if path.is_file() else {}
     for name, filename in WEIGHT_FILES.items():
         record_path = directory / f"train_{name}.json"
-        if not record_path.is_file():
+        if record_path.is_file():
+            files[filename] = json.loads(record_path.read_text())
+        if filename not in files:
             raise CliError(f"{record_path} is missing; run `flowgrad demo train --part {name}` first")
-        record = json.loads(record_path.read_text())
         actual = sha256_file(directory / filename)
-        if actual != record["sha256"]:
-            raise CliError(f"{directory / filename} does not match {record_path} (sha256 {actual[:12]}…)")
-        files[filename] = record
-    (directory / "manifest.json").write_text(json.dumps({"files": files}, indent=2) + "\n")
-    console(f"wrote {directory / 'manifest.json'} ({len(files)} files)")
+        if actual != files[filename]["sha256"]:
+            raise CliError(f"{directory / filename} does not match its record (sha256 {actual[:12]}…)")
+    path.write_text(json.dumps({"files": files}, indent=2) + "\n")
+    console(f"wrote {path} ({len(files)} files)")
 
 
 @demo.command("evaluate")

@@ -6,6 +6,8 @@ import click
 
 from .common import setup_logging
 from .demo import demo
+from .edit import edit
+from .inspect_store import inspect_store
 
 
 @click.group()
@@ -17,6 +19,8 @@ def flowgrad(verbose: bool) -> None:
 
 
 flowgrad.add_command(demo)
+flowgrad.add_command(edit)
+flowgrad.add_command(inspect_store)
 
 if __name__ == "__main__":
     flowgrad()

@@ -111,19 +111,41 @@ def _loop(cfg: TrainConfig, params, step_fn: Callable[[int], dict[str, float]],
     return step, time.perf_counter() - start
 
 
+def render_pool(n: int, seed: int, device: torch.device, chunk: int = 4096) -> Tensor:
+    """(n, 3, 64, 64) uint8 renders (what a PNG of them would hold), rendered in chunks."""
+    pool = torch.empty((n, 3, 64, 64), dtype=torch.uint8, device=device)
+    for i, start in enumerate(range(0, n, chunk)):
+        images, _ = render(min(chunk, n - start), seed=_batch_seed(TrainConfig(seed=seed), i, 3), device=device)
+        pool[start:start + len(images)] = (images * 255.0 + 0.5).to(torch.uint8)
+    return pool
+
+
 def train_flow(cfg: TrainConfig, arch: UNetConfig = UNetConfig(), device: str | torch.device = "cpu",
+               pool: int = 0, init: dict[str, Tensor] | None = None,
                callback: Callback | None = None) -> TrainResult:
-    """Rectified-flow matching: x_t = t·x1 + (1-t)·x0, target x1 - x0; returns the EMA model."""
+    """Rectified-flow matching: x_t = t·x1 + (1-t)·x0, target x1 - x0; returns the EMA model.
+
+    With ``pool > 0``, that many renders are made once (8-bit, on ``device``) and batches are drawn
+    from them; otherwise every batch is rendered fresh. ``init`` continues from existing weights.
+    """
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
-    net = DemoUNet(arch).to(device)
+    net = DemoUNet(arch)
+    if init is not None:
+        net.load_state_dict({k: v.float() for k, v in init.items()})
+    net = net.to(device).to(memory_format=torch.channels_last)
     ema = torch.optim.swa_utils.AveragedModel(
         net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay))
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    data = render_pool(pool, cfg.seed, device) if pool > 0 else None
 
     def step_fn(step: int) -> dict[str, float]:
-        images, _ = render(cfg.batch_size, seed=_batch_seed(cfg, step, 0), device=device)
-        x1 = images * 2.0 - 1.0
+        if data is None:
+            images, _ = render(cfg.batch_size, seed=_batch_seed(cfg, step, 0), device=device)
+        else:
+            pick = torch.randint(len(data), (cfg.batch_size,), generator=gen, device=device)
+            images = data[pick].float() / 255.0
+        x1 = (images * 2.0 - 1.0).contiguous(memory_format=torch.channels_last)
         x0 = torch.randn(x1.shape, generator=gen, device=device)
         t = torch.rand(x1.shape[0], generator=gen, device=device)
         xt = t.view(-1, 1, 1, 1) * x1 + (1 - t.view(-1, 1, 1, 1)) * x0

@@ -1,0 +1,104 @@
+"""`discover-directions`: optimize many images against an attribute and store a global direction."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import click
+
+from .common import CliError, console, friendly_errors, pick_device, progress_bar, setup_logging
+
+DEFAULT_STORE = Path("directions.h5")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:48] or "direction"
+
+
+@click.command("discover-directions")
+@click.option("--attr", help="Attribute name from the registry (data/attributes.toml), e.g. old.")
+@click.option("--prompt", help="Attribute prompt (instead of --attr).")
+@click.option("--negative", "negative", default=None, help="Negative prompt to move away from.")
+@click.option("--name", default=None, help="Direction name in the store (default: the attribute).")
+@click.option("--model", default="demo", show_default=True, help="'demo' or 'ncsnpp:CHECKPOINT'.")
+@click.option("--model-config", default=None, help="NCSN++ preset name or JSON config.")
+@click.option("--clip", default="demo", show_default=True,
+              help="'demo', NAME:FILE, CONFIG_JSON:FILE, a model folder or hf-hub:ORG/REPO (local cache).")
+@click.option("--images", "images", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Folder of real images to invert (default: fresh seeded samples).")
+@click.option("--n-images", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--steps", "n_steps", type=int, default=20, show_default=True, help="Euler steps N.")
+@click.option("--iterations", type=int, default=6, show_default=True)
+@click.option("--lr", type=float, default=1.0, show_default=True)
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
+@click.option("--threshold", type=float, default=5e-3, show_default=True,
+              help="Straightness threshold (0: exact backprop).")
+@click.option("--alpha", type=float, default=0.7, show_default=True, help="CLIP weight; 1-alpha weighs L1.")
+@click.option("--replicas", type=int, default=4, show_default=True, help="Augmented copies in the CLIP loss.")
+@click.option("--t-window", nargs=2, type=float, default=(0.0, 1.0), show_default=True,
+              help="Optimize only controls with t in [T_START, T_END].")
+@click.option("--aggregator", type=click.Choice(["mean", "pc1", "pca", "probe", "robust"]), default="mean",
+              show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", "store_path", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_STORE,
+              show_default=True, help="HDF5 direction store.")
+@click.option("--keep-offsets", is_flag=True, help="Also store every image's raw controls (compressed).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted job with the same settings.")
+@click.option("-v", "--verbose", is_flag=True)
+@friendly_errors
+def discover_directions(attr, prompt, negative, name, model, model_config, clip, images, n_images, batch_size,
+                        n_steps, iterations, lr, optimizer, threshold, alpha, replicas, t_window, aggregator,
+                        seed, device, store_path, keep_offsets, resume, verbose) -> None:
+    """Discover a global semantic direction with FlowGrad and store it in an HDF5 file.
+
+    Runs under torchrun too: `torchrun --nproc-per-node K discover-directions ...` shares the batches
+    between the processes; rank 0 writes the store.
+    """
+    setup_logging(verbose)
+    from directions import distributed as dist
+    from directions.discover import DiscoveryConfig, discover
+    from flowgrad import FlowGradConfig
+    from flowgrad.demo.registry import get_attribute
+    from flowgrad.models import load_guidance_clip, load_model
+
+    from .images import load_image
+
+    if bool(attr) == bool(prompt):
+        raise CliError("give exactly one of --attr NAME or --prompt TEXT")
+    if attr:
+        a = get_attribute(attr)
+        prompt, negative = a.prompt, a.negative_prompt if negative is None else negative
+        name = name or a.name
+    name = name or _slug(prompt)
+    fg = FlowGradConfig(n_steps=n_steps, iterations=iterations, lr=lr, optimizer=optimizer,
+                        threshold=threshold if threshold > 0 else None, t_window=tuple(t_window))
+    cfg = DiscoveryConfig(name=name, prompt=prompt, negative_prompt=negative or "", model=model, clip=clip,
+                          images=images, n_images=n_images, batch_size=batch_size, seed=seed, flowgrad=fg,
+                          alpha=alpha, replicas=replicas, aggregator=aggregator, keep_offsets=keep_offsets)
+    with dist.process_group(pick_device(device).type) as dev:
+        rank, world = dist.rank_and_world()
+        t0 = time.perf_counter()
+        velocity = load_model(model, model_config, device=dev)
+        guidance = load_guidance_clip(clip, device=dev)
+        with progress_bar(total=cfg.n_images, desc=f"discover {name}", unit="img", disable=rank != 0) as bar:
+            def progress(p) -> None:
+                bar.n = p.images_done
+                bar.set_postfix(batch=f"{p.batch + 1}/{p.n_batches}", it=f"{p.iteration}/{p.iterations}",
+                                loss=f"{p.loss:.4f}", refresh=False)
+                bar.refresh()
+
+            direction = discover(cfg, velocity, guidance, store_path, resume=resume, device=dev,
+                                 load_image=load_image, progress=progress)
+            bar.n = cfg.n_images
+            bar.refresh()
+    if rank == 0 and direction is not None:
+        rec = direction.records
+        ok = rec["status"] == "ok"
+        gain = float((rec["clip_after"][ok] - rec["clip_before"][ok]).mean()) if ok.any() else float("nan")
+        console(f"{name}: {int(ok.sum())}/{len(ok)} images ok, CLIP score gain {gain:+.4f}, "
+                f"scale {direction.scale:.3g}, split-half cosine {direction.split_half_cosine:.3f}, "
+                f"{time.perf_counter() - t0:.1f}s on {dev}{f' x{world}' if world > 1 else ''} -> {store_path}")

@@ -1,0 +1,48 @@
+"""`flowgrad inspect`: what a direction store holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import console, friendly_errors
+
+
+@click.command("inspect")
+@click.argument("store_path", type=click.Path(dir_okay=False, path_type=Path))
+@friendly_errors
+def inspect_store(store_path: Path) -> None:
+    """List the directions of a store with provenance, scale, reliability and pairwise cosines."""
+    import numpy as np
+
+    from directions.apply import resample_steps
+    from directions.store import DirectionStore
+
+    import torch
+
+    directions = DirectionStore(store_path).read_all()
+    console(f"{store_path}: {len(directions)} direction(s)")
+    for d in directions:
+        rec = d.records
+        ok = np.asarray(rec.get("status", [])) == "ok"
+        gain = (np.asarray(rec["clip_after"])[ok] - np.asarray(rec["clip_before"])[ok]).mean() \
+            if "clip_after" in rec and ok.any() else float("nan")
+        cos = np.asarray(rec.get("cosine_to_direction", [np.nan]), dtype=float)
+        console(f"\n[{d.name}] prompt={d.prompt!r} negative={d.negative_prompt!r}\n"
+                f"  method={d.method} images={d.n_images} steps={d.n_steps} shape={d.image_shape} "
+                f"t_window={d.time_window}\n"
+                f"  scale={d.scale:.4g} split_half_cosine={d.split_half_cosine:.3f} "
+                f"per-image cosine median={np.nanmedian(cos) if np.isfinite(cos).any() else float('nan'):.3f} "
+                f"CLIP gain={gain:+.4f}\n"
+                f"  model={d.model} fingerprint={d.model_fingerprint[:16]}… clip={d.clip}\n"
+                f"  created={d.created_at} flowgrad={d.flowgrad_version}")
+    if len(directions) > 1:
+        n = max(d.n_steps for d in directions)
+        units = [resample_steps(torch.from_numpy(d.vector), n).double().flatten() for d in directions]
+        units = [u / u.norm() for u in units]
+        width = max(len(d.name) for d in directions)
+        console("\npairwise cosines:")
+        console(" " * (width + 2) + "  ".join(f"{d.name[:8]:>8}" for d in directions))
+        for d, u in zip(directions, units):
+            console(f"{d.name:<{width}}  " + "  ".join(f"{float(u @ v):8.3f}" for v in units))

@@ -1,0 +1,59 @@
+"""Where edited images come from: real image files (inverted) or fresh seeded samples."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .common import CliError
+from .images import load_image
+
+
+@dataclass
+class Sources:
+    """Latents to edit and what they came from.
+
+    Attributes:
+        z0: (B, C, H, W) latents.
+        originals: (B, 3, H, W) the real images in [0, 1], or None for samples.
+        labels: file names or ``sample-<i>``.
+        reconstruction_rmse: per-image inversion error (data space), or None for samples.
+        notices: one line per resized image.
+    """
+
+    z0: Tensor
+    originals: Tensor | None
+    labels: list[str]
+    reconstruction_rmse: list[float] | None
+    notices: list[str]
+
+
+def load_sources(velocity, images: tuple[str, ...], samples: int | None, seed: int, n_steps: int,
+                 device: torch.device, invert_method: str = "euler") -> Sources:
+    from directions.discover import sample_latents
+    from flowgrad import invert, reconstruction_error
+
+    if images and samples:
+        raise CliError("give image files or --samples K, not both")
+    if not images and not samples:
+        raise CliError("nothing to edit: give image files or --samples K")
+    if samples:
+        if samples < 1:
+            raise CliError(f"--samples must be >= 1, got {samples}")
+        z0 = sample_latents(tuple(velocity.sample_shape), seed, range(samples)).to(device)
+        return Sources(z0, None, [f"sample-{i}" for i in range(samples)], None, [])
+    notices: list[str] = []
+    size = velocity.sample_shape[-1]
+    try:
+        originals = torch.stack([load_image(Path(p), size, notices=notices) for p in images]).to(device)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    x1 = velocity.from_image(originals)
+    z0 = invert(velocity, x1, n_steps, method=invert_method)
+    _, rmse = reconstruction_error(velocity, x1, z0, n_steps)
+    return Sources(z0, originals, [Path(p).stem for p in images],
+                   [float(r) if math.isfinite(float(r)) else float("nan") for r in rmse.cpu()], notices)

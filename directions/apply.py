@@ -1,0 +1,104 @@
+"""Applying stored directions: no optimization, just the direction added along the trajectory."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flowgrad import TimeGrid, integrate
+from flowgrad.velocity import VelocityField
+
+from .store import Direction
+
+__all__ = ["resample_steps", "compose_controls", "apply_controls", "check_compatible", "EditSpec"]
+
+
+def resample_steps(vector: Tensor, n_steps: int) -> Tensor:
+    """Resample per-step controls (N, ...) to M = ``n_steps`` steps, preserving integrated offsets.
+
+    Step k of an N-step direction is taken to spread its offset u_k evenly over the fraction
+    [k/N, (k+1)/N) of the trajectory. The cumulative offset U(s) (piecewise linear in s ∈ [0, 1]) is
+    evaluated at s = j/M and differenced: u'_j = U((j+1)/M) - U(j/M). The total offset Σ u is kept
+    exactly, as is the offset over any stretch that starts and ends on both grids; M = N is the
+    identity.
+    """
+    n = vector.shape[0]
+    if n_steps == n:
+        return vector
+    if n_steps < 1:
+        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    flat = vector.reshape(n, -1).double()
+    cum = torch.cat([torch.zeros_like(flat[:1]), flat.cumsum(0)])          # U at s = k/N, (N+1, D)
+    s = torch.arange(n_steps + 1, dtype=torch.float64, device=vector.device) * (n / n_steps)
+    lo = s.floor().long().clamp(max=n - 1)
+    frac = (s - lo.double()).unsqueeze(1)
+    at = cum[lo] + frac * (cum[lo + 1] - cum[lo])
+    return (at[1:] - at[:-1]).to(vector.dtype).reshape(n_steps, *vector.shape[1:])
+
+
+@dataclass(frozen=True)
+class EditSpec:
+    """One stored direction at a strength."""
+
+    direction: Direction
+    strength: float
+
+
+def _orthonormal(vectors: Sequence[np.ndarray]) -> list[np.ndarray]:
+    basis: list[np.ndarray] = []
+    for v in vectors:
+        w = v.astype(np.float64).ravel().copy()
+        for b in basis:
+            w -= (w @ b) * b
+        norm = np.linalg.norm(w)
+        if norm > 1e-12:
+            basis.append(w / norm)
+    return basis
+
+
+def compose_controls(edits: Sequence[EditSpec], n_steps: int,
+                     project_out: Sequence[Direction] = ()) -> Tensor:
+    """(M, C, H, W) float32 control: Σ strength·vector, resampled to M steps, minus other directions.
+
+    ``project_out`` directions (any number) are resampled too, orthonormalized, and the composed
+    control's component along their span is removed, so the edit leaves those attributes alone
+    to first order.
+    """
+    if not edits:
+        raise ValueError("no direction to apply")
+    shapes = {e.direction.vector.shape[1:] for e in edits} | {p.vector.shape[1:] for p in project_out}
+    if len(shapes) != 1:
+        raise ValueError(f"directions have different image shapes: {sorted(shapes)}")
+    total = sum(e.strength * resample_steps(torch.from_numpy(e.direction.vector), n_steps).double()
+                for e in edits)
+    if project_out:
+        flat = total.reshape(-1).numpy().copy()
+        for b in _orthonormal([resample_steps(torch.from_numpy(p.vector), n_steps).numpy() for p in project_out]):
+            flat -= (flat @ b) * b
+        total = torch.from_numpy(flat).reshape(total.shape)
+    return total.float()
+
+
+def check_compatible(direction: Direction, velocity: VelocityField, *, force: bool = False) -> None:
+    """Refuse a direction made for another model (fingerprint) or image shape; one-line ValueError."""
+    shape = tuple(direction.image_shape)
+    if shape != tuple(velocity.sample_shape):
+        raise ValueError(f"direction {direction.name!r} is for images of shape {shape}, but model "
+                         f"{velocity.name!r} makes {tuple(velocity.sample_shape)}")
+    if direction.model_fingerprint and direction.model_fingerprint != velocity.fingerprint() and not force:
+        raise ValueError(f"direction {direction.name!r} was made with another model (fingerprint "
+                         f"{direction.model_fingerprint[:12]}…, this model {velocity.fingerprint()[:12]}…); "
+                         "pass --force to apply it anyway")
+
+
+@torch.no_grad()
+def apply_controls(velocity, z0: Tensor, control: Tensor | None, n_steps: int,
+                   eps: float = 1e-3) -> Tensor:
+    """Final states x_N (B, C, H, W) of trajectories from ``z0`` with the same control for every image."""
+    grid = TimeGrid.uniform(n_steps, eps)
+    controls = None if control is None else control.to(z0).unsqueeze(1).expand(n_steps, *z0.shape)
+    return integrate(velocity, z0, grid, controls, keep_states=False).final

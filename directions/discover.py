@@ -1,0 +1,347 @@
+"""Batch discovery of a global semantic direction.
+
+Many images (fresh seeded samples of the model, or real images inverted to latents) are optimized
+with FlowGrad against an attribute prompt, batch by batch; every finished batch is checkpointed so an
+interrupted job resumes where it stopped. The per-image optimized controls are then aggregated into
+one direction (see :mod:`directions.aggregate`) and written to the HDF5 store with full provenance.
+
+Determinism: image i's latent comes from its own seed (independent of batching), and batch b's
+augmentation draws come from a seed derived from (seed, b). Batches always hold the same images, so
+a resumed job or a job spread over several processes computes the same controls as one
+uninterrupted process.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import flowgrad
+from flowgrad import FlowGradConfig, TimeGrid, integrate, invert, optimize, reconstruction_error
+from flowgrad.clip_guidance import ClipLoss, clip_score
+
+from . import distributed as dist
+from .aggregate import Method, aggregate, split_half_cosine
+from .checkpoint import JobCheckpoint
+from .store import Direction, DirectionStore
+
+__all__ = ["DiscoveryConfig", "BatchProgress", "discover", "image_seed", "sample_latents",
+           "partial_dir"]
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    """Every setting of a discovery job (stored as the direction's ``settings``).
+
+    Attributes:
+        name: direction name in the store.
+        prompt, negative_prompt: the attribute prompt and what to move away from ("" for none).
+        model, clip: model specs (see :func:`flowgrad.models.load_model`).
+        images: a folder of real images to invert, or None for fresh seeded samples.
+        n_images, batch_size, seed: how many images, how many per optimization batch, base seed.
+        flowgrad: the per-image FlowGrad optimization settings.
+        alpha: weight of the CLIP term (1 - alpha weighs the L1 term to the unedited image).
+        replicas: augmented copies per image in the CLIP loss.
+        directional: use ``cos(prompt) - cos(negative)`` as the CLIP term when a negative is given.
+        aggregator: how per-image controls become one direction.
+        invert_method: inversion solver for real images.
+        keep_offsets: also store the raw per-image controls.
+    """
+
+    name: str
+    prompt: str
+    negative_prompt: str = ""
+    model: str = "demo"
+    clip: str = "demo"
+    images: str | None = None
+    n_images: int = 32
+    batch_size: int = 16
+    seed: int = 0
+    flowgrad: FlowGradConfig = field(default_factory=lambda: FlowGradConfig(n_steps=20, iterations=6, lr=1.0))
+    alpha: float = 0.7
+    replicas: int = 4
+    directional: bool = True
+    aggregator: Method = "mean"
+    invert_method: str = "euler"
+    keep_offsets: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.prompt.strip():
+            raise ValueError("prompt must not be empty")
+        for key in ("n_images", "batch_size", "replicas"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+
+    def settings(self) -> dict:
+        d = asdict(self)
+        d["flowgrad"] = asdict(self.flowgrad)
+        return d
+
+    @property
+    def n_batches(self) -> int:
+        return math.ceil(self.n_images / self.batch_size)
+
+    def batch_indices(self, b: int) -> range:
+        return range(b * self.batch_size, min(self.n_images, (b + 1) * self.batch_size))
+
+
+@dataclass(frozen=True)
+class BatchProgress:
+    """Reported to the progress callback after every FlowGrad iteration of every batch."""
+
+    batch: int
+    n_batches: int
+    images_done: int
+    n_images: int
+    iteration: int
+    iterations: int
+    loss: float
+
+
+def image_seed(seed: int, index: int) -> int:
+    """Seed of image ``index``'s latent: independent of how images are batched."""
+    return (seed * 1_000_003 + index * 7919 + 12345) % (2**63 - 1)
+
+
+def sample_latents(shape: tuple[int, ...], seed: int, indices: range) -> Tensor:
+    """(len(indices), *shape) standard normal latents, one generator per image."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(image_seed(seed, i)))
+                        for i in indices])
+
+
+def partial_dir(store_path: str | Path, name: str) -> Path:
+    """Folder of the resumable job checkpoint next to the store."""
+    p = Path(store_path)
+    return p.with_name(f"{p.name}.partial-{name}")
+
+
+def _image_files(folder: str) -> list[Path]:
+    path = Path(folder)
+    if not path.is_dir():
+        raise ValueError(f"--images {folder!r} is not a folder")
+    suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes)
+    if not files:
+        raise ValueError(f"no images (.png/.jpg/...) in {folder!r}")
+    return files
+
+
+def _batch_inputs(cfg: DiscoveryConfig, velocity, b: int, device: torch.device,
+                  load_image: Callable[[Path, int], Tensor] | None) -> tuple[Tensor, Tensor, list[str], Tensor]:
+    """Latents z0 (B, C, H, W), source images in [0, 1], source labels, reconstruction RMSE (B,)."""
+    idx = cfg.batch_indices(b)
+    grid = TimeGrid.uniform(cfg.flowgrad.n_steps, cfg.flowgrad.eps)
+    if cfg.images is None:
+        z0 = sample_latents(tuple(velocity.sample_shape), cfg.seed, idx).to(device)
+        x1 = integrate(velocity, z0, grid, keep_states=False).final
+        labels = [f"sample:seed={cfg.seed}:index={i}" for i in idx]
+        return z0, velocity.to_image(x1).clamp(0, 1), labels, torch.full((len(idx),), math.nan)
+    if load_image is None:
+        raise ValueError("discovering from real images needs an image loader")
+    files = _image_files(cfg.images)
+    if cfg.n_images > len(files):
+        raise ValueError(f"--n-images {cfg.n_images} but only {len(files)} images in {cfg.images!r}")
+    images = torch.stack([load_image(files[i], velocity.sample_shape[-1]) for i in idx]).to(device)
+    x1 = velocity.from_image(images)
+    z0 = invert(velocity, x1, grid, method=cfg.invert_method)  # type: ignore[arg-type]
+    _, rmse = reconstruction_error(velocity, x1, z0, grid)
+    return z0, images, [str(files[i]) for i in idx], rmse.cpu()
+
+
+def _run_batch(cfg: DiscoveryConfig, velocity, clip, b: int, device: torch.device, load_image,
+               report: Callable[[int, float], None]) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    z0, source, labels, rmse = _batch_inputs(cfg, velocity, b, device, load_image)
+    negative = cfg.negative_prompt if (cfg.directional and cfg.negative_prompt) else None
+    loss = ClipLoss(clip, cfg.prompt, negative_prompt=negative, source=source, alpha=cfg.alpha,
+                    replicas=cfg.replicas, seed=cfg.seed * 1_000_003 + b)
+    result = optimize(velocity, z0, lambda x: loss(velocity.to_image(x)), config=cfg.flowgrad,
+                      callback=lambda info: report(info.iteration, float(np.nanmean(info.losses.numpy()))))
+    with torch.no_grad():
+        after = velocity.to_image(result.images).clamp(0, 1)
+        clip_before = clip_score(clip, source, cfg.prompt).cpu().double()
+        clip_after = clip_score(clip, after, cfg.prompt).cpu().double()
+    controls = result.controls.transpose(0, 1).float().cpu()
+    records = {
+        "index": list(cfg.batch_indices(b)),
+        "source": labels,
+        "loss_before": result.initial_loss.tolist(),
+        "loss_after": result.best_loss.tolist(),
+        "clip_before": clip_before.tolist(),
+        "clip_after": clip_after.tolist(),
+        "control_norm": controls.flatten(1).norm(dim=1).double().tolist(),
+        "best_iteration": result.best_iteration.tolist(),
+        "reconstruction_rmse": rmse.double().tolist(),
+        "status": ["ok" if s == "ok" else f"skipped: {s}" for s in result.status],
+    }
+    arrays = {"controls": controls.numpy(), "latents": z0.float().cpu().numpy()}
+    return arrays, records
+
+
+def discover(cfg: DiscoveryConfig, velocity, clip, store_path: str | Path, *, resume: bool = False,
+             device: str | torch.device = "cpu", load_image: Callable[[Path, int], Tensor] | None = None,
+             progress: Callable[[BatchProgress], None] | None = None) -> Direction | None:
+    """Run a discovery job and write its direction to the store at ``store_path``.
+
+    Under ``torchrun`` (an initialized process group), batches are shared round-robin by rank,
+    results meet through collectives, and rank 0 writes the store; other ranks return None.
+
+    Args:
+        cfg: the job's settings.
+        velocity: the frozen model (a :class:`~flowgrad.velocity.VelocityField`).
+        clip: a :class:`~flowgrad.clip_guidance.ClipModel` for the guidance loss.
+        store_path: HDF5 store to add the direction to (created if missing).
+        resume: continue an interrupted job from its checkpoint (same settings required).
+        device: where to optimize.
+        load_image: ``load_image(path, size) -> (3, size, size)`` for real-image folders.
+        progress: called after every FlowGrad iteration.
+
+    Returns:
+        The stored :class:`~directions.store.Direction` (on rank 0).
+    """
+    device = torch.device(device)
+    rank, world = dist.rank_and_world()
+    store = DirectionStore(store_path)
+    settings = cfg.settings() | {"model_fingerprint": velocity.fingerprint(),
+                                 "flowgrad_version": flowgrad.__version__}
+    lock = store.lock() if rank == 0 else dist.nullcontext()
+    with lock:
+        if rank == 0:
+            store.names() if store.exists() else None  # refuse a corrupt/unknown-version store up front
+            ckpt = JobCheckpoint.open(partial_dir(store_path, cfg.name), settings, resume=resume)
+        dist.barrier()
+        if rank != 0:
+            ckpt = JobCheckpoint.open(partial_dir(store_path, cfg.name), settings, resume=True)
+        done = set(ckpt.done_batches())
+        mine = [b for b in range(cfg.n_batches) if b % world == rank]
+        t0 = time.perf_counter()
+        for b in mine:
+            if b in done:
+                continue
+            n_before = sum(len(cfg.batch_indices(x)) for x in range(cfg.n_batches) if x in done or x < b)
+
+            def report(it: int, loss: float, b: int = b, n_before: int = n_before) -> None:
+                if progress is not None:
+                    progress(BatchProgress(b, cfg.n_batches, n_before, cfg.n_images, it,
+                                           cfg.flowgrad.iterations, loss))
+
+            arrays, records = _run_batch(cfg, velocity, clip, b, device, load_image, report)
+            ckpt.save_batch(b, arrays, records)
+            done.add(b)
+        dist.barrier()
+        local = {b: ckpt.load_batch(b) for b in mine}
+        direction = _aggregate(cfg, velocity, local, settings, time.perf_counter() - t0)
+        if rank != 0:
+            return None
+        store.write(direction)
+        ckpt.remove()
+        return direction
+
+
+def _concat(parts: list[dict]) -> dict:
+    """Concatenate per-batch dicts of arrays/lists (already in batch order) column by column."""
+    out: dict = {}
+    for part in parts:
+        for k, v in part.items():
+            out.setdefault(k, []).append(np.asarray(v))
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _mean_direction(cfg: DiscoveryConfig, local: dict[int, tuple[dict, dict]], order: list[int],
+                    ok: np.ndarray, dim: int):
+    """Mean aggregator over ranks: all-reduce of partial sums; only scalars per image are gathered.
+
+    Returns (unit, scale, per-image cosine (n,), split-half cosine).
+    """
+    sizes = {b: len(cfg.batch_indices(b)) for b in order}
+    offsets = dict(zip(order, np.cumsum([0] + [sizes[b] for b in order])[:-1]))
+    pos = np.concatenate([np.arange(offsets[b], offsets[b] + sizes[b]) for b in sorted(local)] or
+                         [np.zeros(0, dtype=int)]).astype(int)
+    xl = (np.concatenate([local[b][0]["controls"] for b in sorted(local)]).reshape(len(pos), -1)
+          .astype(np.float64) if local else np.zeros((0, dim)))
+    okl = ok[pos]
+    total = dist.all_reduce_sum(xl[okl].sum(0))
+    unit = total / np.linalg.norm(total)
+    norms = np.linalg.norm(xl, axis=1)
+    proj = xl @ unit
+    cos = np.divide(proj, norms, out=np.zeros_like(proj), where=norms > 0)
+    proj_all, cos_all = np.zeros(len(ok)), np.zeros(len(ok))
+    for p, pr, co in dist.all_gather((pos, proj, cos)):
+        proj_all[p], cos_all[p] = pr, co
+    scale = float(np.median(proj_all[ok]))
+    n_ok = int(ok.sum())
+    half = float("nan")
+    if n_ok >= 4:  # same halves as aggregate.split_half_cosine
+        perm = np.random.default_rng(cfg.seed).permutation(n_ok)
+        half_of = np.full(len(ok), -1)
+        ok_pos = np.flatnonzero(ok)
+        half_of[ok_pos[perm[: n_ok // 2]]] = 0
+        half_of[ok_pos[perm[n_ok // 2:]]] = 1
+        units = []
+        for h in (0, 1):
+            sel = half_of[pos] == h
+            s = dist.all_reduce_sum(xl[sel].sum(0))
+            units.append(s / np.linalg.norm(s))
+        half = float(units[0] @ units[1])
+    return unit, scale, cos_all, half
+
+
+def _aggregate(cfg: DiscoveryConfig, velocity, local: dict[int, tuple[dict, dict]], settings: dict,
+               seconds: float) -> Direction:
+    """Aggregate the batches of all ranks (``local`` holds this rank's: batch -> (arrays, records))."""
+    gathered: dict[int, dict] = {}
+    for part in dist.all_gather({b: rec for b, (_, rec) in local.items()}):
+        gathered.update(part)
+    order = sorted(gathered)
+    records = {k: v.tolist() for k, v in _concat([gathered[b] for b in order]).items()}
+    ok = np.asarray(records["status"]) == "ok"
+    if not ok.any():
+        raise ValueError("every image failed to optimize (non-finite losses); nothing to aggregate")
+    shape = next(s for s in dist.all_gather(next(iter(local.values()))[0]["controls"].shape[1:]
+                                            if local else None) if s is not None)
+    need_all = cfg.aggregator != "mean" or cfg.keep_offsets
+    controls = None
+    if need_all:
+        arrays: dict[int, dict] = {}
+        for part in dist.all_gather({b: arr for b, (arr, _) in local.items()}):
+            arrays.update(part)
+        full = _concat([arrays[b] for b in order])
+        controls = full["controls"]
+    info: dict = {}
+    if cfg.aggregator == "mean":
+        unit, scale, cosine, half = _mean_direction(cfg, local, order, ok, int(np.prod(shape)))
+        inlier = ok.copy()
+    else:
+        kwargs = {}
+        if cfg.aggregator == "probe":
+            clip_before = np.asarray(records["clip_before"])[ok]
+            kwargs = {"latents": full["latents"].reshape(len(controls), -1)[ok],
+                      "labels": clip_before > np.median(clip_before)}
+        agg = aggregate(controls[ok], cfg.aggregator, **kwargs)
+        half = split_half_cosine(controls[ok], cfg.aggregator, seed=cfg.seed, **kwargs)
+        unit, scale, info = agg.unit, agg.scale, agg.info
+        cosine = np.full(len(ok), np.nan)
+        cosine[ok] = agg.per_image_cosine
+        inlier = np.zeros(len(ok), dtype=bool)
+        inlier[ok] = agg.inlier
+    cosine = np.where(ok, cosine, np.nan)
+    records = records | {"cosine_to_direction": cosine.tolist(), "inlier": inlier.tolist()}
+    vector = (unit * scale).reshape(shape).astype(np.float32)
+    return Direction(
+        name=cfg.name, vector=vector, scale=float(np.linalg.norm(vector.astype(np.float64))),
+        prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, method=cfg.aggregator,
+        n_images=int(inlier.sum()), model_fingerprint=velocity.fingerprint(), model=cfg.model,
+        clip=cfg.clip, time_window=cfg.flowgrad.t_window, eps=cfg.flowgrad.eps,
+        settings=settings | {"aggregator_info": info, "wall_time_s": round(seconds, 2),
+                             "scale_statistic": "median over images of the control's component along "
+                                                "the unit direction"},
+        split_half_cosine=half, records=records,
+        offsets=controls if cfg.keep_offsets else None)
