@@ -70,8 +70,9 @@ def apply_directions(images, store_path, attrs, strength, project_out, samples, 
     src = load_sources(velocity, images, samples, seed, steps, dev, invert_method)
     control = compose_controls(specs, steps, removed).to(dev)
     with torch.no_grad():
-        before = velocity.to_image(apply_controls(velocity, src.z0, None, steps)).clamp(0, 1)
-        after = velocity.to_image(apply_controls(velocity, src.z0, control, steps)).clamp(0, 1)
+        eps = specs[0].direction.eps
+        before = velocity.to_image(apply_controls(velocity, src.z0, None, steps, eps)).clamp(0, 1)
+        after = velocity.to_image(apply_controls(velocity, src.z0, control, steps, eps)).clamp(0, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     for label, b, a in zip(src.labels, before, after):
         save_image(b, out_dir / f"{label}_before.png")
@@ -79,7 +80,10 @@ def apply_directions(images, store_path, attrs, strength, project_out, samples, 
     rows = [src.originals, before, after] if src.originals is not None else [before, after]
     save_image(make_grid(torch.cat(rows), nrow=len(src.labels), scale=2 if before.shape[-1] <= 64 else 1),
                out_dir / "grid.png")
-    report = {"edits": dict(edits), "project_out": list(project_out), "n_steps": steps,
+    applied: dict[str, float] = {}
+    for name, s in edits:  # a name given twice is applied twice: report the summed strength
+        applied[name] = applied.get(name, 0.0) + s
+    report = {"edits": applied, "project_out": list(project_out), "n_steps": steps,
               "images": src.labels, "reconstruction_rmse": src.reconstruction_rmse,
               "l1_change": (after - before).abs().flatten(1).mean(1).tolist(),
               "seconds": round(time.perf_counter() - t0, 2)}

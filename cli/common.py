@@ -96,5 +96,10 @@ def friendly_errors(fn: Callable) -> Callable:
             raise CliError(f"{exc.strerror or exc}: {exc.filename or ''}".strip(": ")) from None
         except KeyboardInterrupt:
             raise CliError("interrupted") from None
+        except Exception as exc:  # noqa: BLE001 - never a traceback for the user; -v shows it
+            if kwargs.get("verbose"):
+                raise
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise CliError(f"{type(exc).__name__}: {message} (rerun with -v for details)") from None
 
     return wrapper

@@ -32,7 +32,7 @@ def _slug(text: str) -> str:
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--steps", "n_steps", type=int, default=20, show_default=True, help="Euler steps N.")
 @click.option("--iterations", type=int, default=6, show_default=True)
-@click.option("--lr", type=float, default=1.0, show_default=True)
+@click.option("--lr", type=float, default=3.0, show_default=True)
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
 @click.option("--threshold", type=float, default=5e-3, show_default=True,
               help="Straightness threshold (0: exact backprop).")
@@ -77,7 +77,7 @@ def discover_directions(attr, prompt, negative, name, model, model_config, clip,
     fg = FlowGradConfig(n_steps=n_steps, iterations=iterations, lr=lr, optimizer=optimizer,
                         threshold=threshold if threshold > 0 else None, t_window=tuple(t_window))
     cfg = DiscoveryConfig(name=name, prompt=prompt, negative_prompt=negative or "", model=model, clip=clip,
-                          images=images, n_images=n_images, batch_size=batch_size, seed=seed, flowgrad=fg,
+                          images=str(Path(images).resolve()) if images else None, n_images=n_images, batch_size=batch_size, seed=seed, flowgrad=fg,
                           alpha=alpha, replicas=replicas, aggregator=aggregator, keep_offsets=keep_offsets)
     with dist.process_group(pick_device(device).type) as dev:
         rank, world = dist.rank_and_world()
@@ -102,3 +102,7 @@ def discover_directions(attr, prompt, negative, name, model, model_config, clip,
         console(f"{name}: {int(ok.sum())}/{len(ok)} images ok, CLIP score gain {gain:+.4f}, "
                 f"scale {direction.scale:.3g}, split-half cosine {direction.split_half_cosine:.3f}, "
                 f"{time.perf_counter() - t0:.1f}s on {dev}{f' x{world}' if world > 1 else ''} -> {store_path}")
+
+
+if __name__ == "__main__":  # python -m cli.discover (also what torchrun -m cli.discover runs)
+    discover_directions()

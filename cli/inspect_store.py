@@ -42,7 +42,9 @@ def inspect_store(store_path: Path) -> None:
         units = [resample_steps(torch.from_numpy(d.vector), n).double().flatten() for d in directions]
         units = [u / u.norm() for u in units]
         width = max(len(d.name) for d in directions)
-        console("\npairwise cosines:")
+        console("\npairwise cosines (n/a: different image shapes):")
         console(" " * (width + 2) + "  ".join(f"{d.name[:8]:>8}" for d in directions))
         for d, u in zip(directions, units):
-            console(f"{d.name:<{width}}  " + "  ".join(f"{float(u @ v):8.3f}" for v in units))
+            console(f"{d.name:<{width}}  " + "  ".join(
+                f"{float(u @ v):8.3f}" if d.image_shape == e.image_shape else f"{'n/a':>8}"
+                for e, v in zip(directions, units)))

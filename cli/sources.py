@@ -55,5 +55,19 @@ def load_sources(velocity, images: tuple[str, ...], samples: int | None, seed: i
     x1 = velocity.from_image(originals)
     z0 = invert(velocity, x1, n_steps, method=invert_method)
     _, rmse = reconstruction_error(velocity, x1, z0, n_steps)
-    return Sources(z0, originals, [Path(p).stem for p in images],
+    return Sources(z0, originals, _unique_labels([Path(p).stem for p in images]),
                    [float(r) if math.isfinite(float(r)) else float("nan") for r in rmse.cpu()], notices)
+
+
+def _unique_labels(stems: list[str]) -> list[str]:
+    """File stems, repeats suffixed ``-2``, ``-3``, ... so that outputs never overwrite each other."""
+    used: set[str] = set()
+    labels = []
+    for stem in stems:
+        label, k = stem, 1
+        while label in used:
+            k += 1
+            label = f"{stem}-{k}"
+        used.add(label)
+        labels.append(label)
+    return labels

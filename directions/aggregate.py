@@ -138,9 +138,10 @@ def aggregate(controls: np.ndarray, method: Method = "mean", **kwargs) -> Aggreg
     """
     if method not in _AGGREGATORS:
         raise ValueError(f"unknown aggregator {method!r}; choose one of {', '.join(METHODS)}")
-    x = np.asarray(controls, dtype=np.float64).reshape(len(controls), -1)
-    if len(x) == 0:
+    controls = np.asarray(controls, dtype=np.float64)
+    if controls.ndim == 0 or len(controls) == 0:
         raise ValueError("no successfully optimized images to aggregate")
+    x = controls.reshape(len(controls), -1)
     unit, info = _AGGREGATORS[method](x, n_steps=controls.shape[1] if controls.ndim > 1 else 1, **kwargs)
     inlier = info.pop("inlier", np.ones(len(x), dtype=bool))
     scale = natural_scale(x[inlier], unit)

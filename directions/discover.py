@@ -64,7 +64,7 @@ class DiscoveryConfig:
     n_images: int = 32
     batch_size: int = 16
     seed: int = 0
-    flowgrad: FlowGradConfig = field(default_factory=lambda: FlowGradConfig(n_steps=20, iterations=6, lr=1.0))
+    flowgrad: FlowGradConfig = field(default_factory=lambda: FlowGradConfig(n_steps=20, iterations=6, lr=3.0))
     alpha: float = 0.7
     replicas: int = 4
     directional: bool = True
@@ -180,7 +180,8 @@ def _run_batch(cfg: DiscoveryConfig, velocity, clip, b: int, device: torch.devic
         "control_norm": controls.flatten(1).norm(dim=1).double().tolist(),
         "best_iteration": result.best_iteration.tolist(),
         "reconstruction_rmse": rmse.double().tolist(),
-        "status": ["ok" if s == "ok" else f"skipped: {s}" for s in result.status],
+        "status": [("ok" if it > 0 else "skipped: no improvement") if s == "ok" else f"skipped: {s}"
+                   for s, it in zip(result.status, result.best_iteration.tolist())],
     }
     arrays = {"controls": controls.numpy(), "latents": z0.float().cpu().numpy()}
     return arrays, records
@@ -269,6 +270,8 @@ def _mean_direction(cfg: DiscoveryConfig, local: dict[int, tuple[dict, dict]], o
           .astype(np.float64) if local else np.zeros((0, dim)))
     okl = ok[pos]
     total = dist.all_reduce_sum(xl[okl].sum(0))
+    if not np.linalg.norm(total) > 0:
+        raise ValueError("the mean control is zero: no image moved; raise --iterations or --lr")
     unit = total / np.linalg.norm(total)
     norms = np.linalg.norm(xl, axis=1)
     proj = xl @ unit
@@ -277,6 +280,8 @@ def _mean_direction(cfg: DiscoveryConfig, local: dict[int, tuple[dict, dict]], o
     for p, pr, co in dist.all_gather((pos, proj, cos)):
         proj_all[p], cos_all[p] = pr, co
     scale = float(np.median(proj_all[ok]))
+    if not scale > 0:  # as aggregate(): a non-positive median projection falls back to |projection|
+        scale = float(np.median(np.abs(proj_all[ok]))) or 1.0
     n_ok = int(ok.sum())
     half = float("nan")
     if n_ok >= 4:  # same halves as aggregate.split_half_cosine
@@ -304,7 +309,8 @@ def _aggregate(cfg: DiscoveryConfig, velocity, local: dict[int, tuple[dict, dict
     records = {k: v.tolist() for k, v in _concat([gathered[b] for b in order]).items()}
     ok = np.asarray(records["status"]) == "ok"
     if not ok.any():
-        raise ValueError("every image failed to optimize (non-finite losses); nothing to aggregate")
+        raise ValueError("no image was optimized successfully (none improved or all were non-finite); "
+                         "raise --iterations or --lr")
     shape = next(s for s in dist.all_gather(next(iter(local.values()))[0]["controls"].shape[1:]
                                             if local else None) if s is not None)
     need_all = cfg.aggregator != "mean" or cfg.keep_offsets

@@ -56,14 +56,14 @@ def sweep(velocity, z0: Tensor, direction: Direction, strengths: Sequence[float]
     """Apply ``direction`` at every strength to the latents ``z0`` (B, C, H, W)."""
     from flowgrad.clip_guidance import clip_score
 
-    unedited = velocity.to_image(apply_controls(velocity, z0, None, n_steps)).clamp(0, 1)
+    unedited = velocity.to_image(apply_controls(velocity, z0, None, n_steps, direction.eps)).clamp(0, 1)
     images = []
     for s in strengths:
         if s == 0:
             images.append(unedited)
             continue
         control = compose_controls([EditSpec(direction, float(s))], n_steps, project_out).to(z0.device)
-        images.append(velocity.to_image(apply_controls(velocity, z0, control, n_steps)).clamp(0, 1))
+        images.append(velocity.to_image(apply_controls(velocity, z0, control, n_steps, direction.eps)).clamp(0, 1))
     stack = torch.stack(images)
     metrics: dict[str, np.ndarray] = {
         "l1": (stack - unedited).abs().flatten(2).mean(2).cpu().numpy()}

@@ -50,3 +50,11 @@ def test_imports_go_one_way_and_third_party_modules_stay_in_their_rooms():
                     assert top == "directions", f"sklearn imported in {rel}"
                 else:
                     assert top == "cli", f"{mod} imported in {rel}"
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = 'pip install -e ".[test]" && python -m pytest -q'
+    assert command in readme and command in ci
+    assert "discover-directions --attr old" in readme

@@ -1,0 +1,133 @@
+"""Edit quality of discovered directions on the demo world, measured with the factor judge.
+
+For each attribute: discover a direction with the given settings (or reuse one from --store), apply it at
+strength 1 to 64 fresh samples never seen in discovery, and judge every factor before/after. Optionally also
+run per-image FlowGrad on the same 64 images for comparison (attribute gain, L1, time per image).
+
+    python tests/benchmarks/eval_directions.py --attrs old smiling --out bench_out [--per-image] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from directions.apply import EditSpec, apply_controls, compose_controls  # noqa: E402
+from directions.discover import DiscoveryConfig, discover, sample_latents  # noqa: E402
+from directions.store import DirectionStore  # noqa: E402
+from flowgrad import FlowGradConfig, optimize  # noqa: E402
+from flowgrad.clip_guidance import ClipLoss, clip_score  # noqa: E402
+from flowgrad.demo import world  # noqa: E402
+from flowgrad.demo.registry import load_registry  # noqa: E402
+from flowgrad.models import load_guidance_clip, load_model  # noqa: E402
+
+EVAL_SEED = 777  # apply-time samples: disjoint from discovery's seed-0 latents
+
+
+def judged_change(velocity, z0, control, n_steps, attr):
+    before = velocity.to_image(apply_controls(velocity, z0, None, n_steps)).clamp(0, 1)
+    after = velocity.to_image(apply_controls(velocity, z0, control, n_steps)).clamp(0, 1)
+    jb, ja = world.judge(before), world.judge(after)
+    delta = {k: (ja[k] - jb[k]).numpy() for k in jb}
+    target = delta[attr.factor] * attr.direction
+    others = {k: float(np.abs(v).mean()) for k, v in delta.items() if k != attr.factor}
+    return before, after, {
+        "target_gain_mean": float(target.mean()),
+        "target_moved_right_way": float((target > 0).mean()),
+        "max_other_abs_change": max(others.values()), "worst_other": max(others, key=others.get),
+        "other_abs_change": others,
+        "l1": float((after - before).abs().mean()),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--attrs", nargs="+", default=["old", "smiling"])
+    p.add_argument("--store", default=None, help="Reuse directions from this store (skip discovery).")
+    p.add_argument("--n-images", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--iterations", type=int, default=6)
+    p.add_argument("--lr", type=float, default=3.0)
+    p.add_argument("--alpha", type=float, default=0.7)
+    p.add_argument("--replicas", type=int, default=4)
+    p.add_argument("--aggregator", default="mean")
+    p.add_argument("--t-window", nargs=2, type=float, default=(0.0, 1.0))
+    p.add_argument("--strengths", nargs="+", type=float, default=[1.0])
+    p.add_argument("--eval-images", type=int, default=64)
+    p.add_argument("--per-image", action="store_true", help="Also run per-image FlowGrad on the eval images.")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    args = p.parse_args()
+    dev = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    velocity = load_model("demo", device=dev)
+    clip = load_guidance_clip("demo", device=dev)
+    registry = load_registry()
+    store = DirectionStore(args.store or out / "eval_directions.h5")
+    report = {"card": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "settings": vars(args),
+              "attributes": {}}
+    for name in args.attrs:
+        attr = registry[name]
+        fg = FlowGradConfig(n_steps=args.steps, iterations=args.iterations, lr=args.lr,
+                            t_window=tuple(args.t_window))
+        t0 = time.perf_counter()
+        if args.store is None:
+            cfg = DiscoveryConfig(name=name, prompt=attr.prompt, negative_prompt=attr.negative_prompt,
+                                  n_images=args.n_images, batch_size=args.batch_size, flowgrad=fg, alpha=args.alpha,
+                                  replicas=args.replicas, aggregator=args.aggregator)
+            direction = discover(cfg, velocity, clip, store.path, device=dev)
+        else:
+            direction = store.read(name)
+        t_discover = time.perf_counter() - t0
+        z0 = sample_latents(tuple(velocity.sample_shape), EVAL_SEED, range(args.eval_images)).to(dev)
+        entry = {"discovery_s": round(t_discover, 2), "split_half_cosine": direction.split_half_cosine,
+                 "scale": direction.scale, "strengths": {}}
+        for s in args.strengths:
+            t0 = time.perf_counter()
+            control = compose_controls([EditSpec(direction, s)], args.steps).to(dev)
+            _, after, stats = judged_change(velocity, z0, control, args.steps, attr)
+            stats["apply_s_per_image"] = (time.perf_counter() - t0) / args.eval_images
+            entry["strengths"][str(s)] = stats
+        if args.per_image:
+            before = velocity.to_image(apply_controls(velocity, z0, None, args.steps)).clamp(0, 1)
+            loss = ClipLoss(clip, attr.prompt, negative_prompt=attr.negative_prompt, source=before,
+                            alpha=args.alpha, replicas=args.replicas, seed=1)
+            t0 = time.perf_counter()
+            res = optimize(velocity, z0, lambda x: loss(velocity.to_image(x)), config=fg)
+            per_image_s = (time.perf_counter() - t0) / args.eval_images
+            edited = velocity.to_image(res.images).clamp(0, 1)
+            jb, ja = world.judge(before), world.judge(edited)
+            target = (ja[attr.factor] - jb[attr.factor]).numpy() * attr.direction
+            entry["per_image_flowgrad"] = {
+                "target_gain_mean": float(target.mean()), "target_moved_right_way": float((target > 0).mean()),
+                "max_other_abs_change": max(float((ja[k] - jb[k]).abs().mean()) for k in jb if k != attr.factor),
+                "l1": float((edited - before).abs().mean()), "s_per_image": per_image_s,
+                "clip_gain": float((clip_score(clip, edited, attr.prompt) - clip_score(clip, before, attr.prompt)).mean()),
+            }
+        report["attributes"][name] = entry
+        print(name, json.dumps(entry, indent=None, default=float)[:600], flush=True)
+    (out / "eval_directions.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    print(f"{'attr':12} {'strength':>8} {'gain':>7} {'right%':>7} {'maxleak':>8} {'worst':>16} {'L1':>6}")
+    for name, e in report["attributes"].items():
+        for s, st in e["strengths"].items():
+            print(f"{name:12} {s:>8} {st['target_gain_mean']:7.3f} {100 * st['target_moved_right_way']:6.1f}% "
+                  f"{st['max_other_abs_change']:8.3f} {st['worst_other']:>16} {st['l1']:6.3f}")
+        if "per_image_flowgrad" in e:
+            pi = e["per_image_flowgrad"]
+            print(f"{name:12} {'per-img':>8} {pi['target_gain_mean']:7.3f} {100 * pi['target_moved_right_way']:6.1f}% "
+                  f"{pi['max_other_abs_change']:8.3f} {'':>16} {pi['l1']:6.3f}  {pi['s_per_image']:.3f}s/img")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""The GPU benchmark scripts run end to end on a CPU (--quick), and the original-code baseline is faithful.
+
+The two scripts run in parallel subprocesses (one CPU thread each) once per module; the baseline is
+checked against the engine on tiny float64 fields.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from fields import ConvField
+
+import flowgrad
+from flowgrad import Segmentation, TimeGrid, Trajectory
+from flowgrad.segments import segment_steps, straightness
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "tests" / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import original_flowgrad as orig  # noqa: E402
+
+SCRIPTS = ("bench_engine", "bench_paper")
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, dict]]:
+    out = tmp_path_factory.mktemp("bench_out")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
+    procs = {name: subprocess.Popen([sys.executable, str(BENCH / f"{name}.py"), "--quick", "--device", "cpu",
+                                     "--out", str(out)], cwd=ROOT, env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for name in SCRIPTS}
+    results = {}
+    for name, proc in procs.items():
+        log, _ = proc.communicate(timeout=240)
+        path = out / f"{name}.json"
+        data = json.loads(path.read_text()) if path.exists() else {}
+        results[name] = (proc.returncode, log, data)
+    return results
+
+
+def _check_run(runs: dict, name: str) -> tuple[str, dict]:
+    code, log, data = runs[name]
+    assert code == 0, log[-3000:]
+    lines = log.strip().splitlines()
+    assert lines[0].startswith("device: ") and "torch " in lines[0]
+    assert data["script"] == name and data["quick"] is True
+    assert data["device"]["device"] == "cpu" and data["device"]["torch"] == torch.__version__
+    return log, data
+
+
+def test_engine_quick_run(runs: dict) -> None:
+    log, data = _check_run(runs, "bench_engine")
+    cfg = data["config"]
+    assert cfg["parameters"] > 0 and _finite(cfg["flops_forward_per_image"])
+    assert cfg["flops_vjp_per_image"] == pytest.approx(2 * cfg["flops_forward_per_image"], rel=0.05)
+
+    bp = data["backprop"]
+    plans = {r["plan"]: r for r in bp["rows"]}
+    assert set(plans) == {"exact", "evenly-2", "natural-shared", "natural-per-image"}
+    for row in plans.values():
+        assert _finite(row["seconds"]) and row["seconds"] > 0
+        assert _finite(row["cos_mean"]) and -1.0 <= row["cos_min"] <= row["cos_mean"] <= 1.0 + 1e-9
+    assert plans["exact"]["n_vjps"] == bp["n_steps"] and plans["exact"]["cos_min"] == pytest.approx(1.0)
+    assert plans["exact"]["ratio_to_exact"] == 1.0
+    assert plans["evenly-2"]["n_vjps"] == 2
+    assert plans["evenly-2"]["ratio_to_exact"] < 0.6        # 2 VJPs instead of 20
+    assert data["targets"]["backprop_ratio_evenly"] == plans["evenly-2"]["ratio_to_exact"]
+
+    tp = data["throughput"]
+    rows = {(r["impl"], r["batch"]): r for r in tp["rows"]}
+    assert set(rows) == {("original", 1), ("flowgrad", 1), ("flowgrad", 2), ("flowgrad", 4)}
+    for (impl, _), row in rows.items():
+        assert _finite(row["images_per_s"]) and row["images_per_s"] > 0
+        assert row["iteration_s"] == pytest.approx(sum(row["phases"].values()))
+        assert row["n_vjps"] == tp["segments"]
+        if impl == "flowgrad":
+            base = rows[("original", 1)]["images_per_s"]
+            assert row["speedup_vs_original"] == pytest.approx(row["images_per_s"] / base)
+    assert tp["original_vs_flowgrad_grad_cos"] > 0.9999   # the baseline computes the same gradient
+
+    mem = data["memory"]
+    sample = math.prod(cfg["sample_shape"]) * 4
+    assert [r["n_steps"] for r in mem["rows"]] == [4, 8, 12]
+    for row in mem["rows"]:
+        assert row["states_bytes"] == (row["n_steps"] + 1) * mem["batch"] * sample
+        assert row["n_vjps"] == row["n_steps"] and _finite(row["seconds"])
+        assert "peak_bytes" not in row          # no CUDA allocator statistics on a CPU
+    assert data["skipped"] == [] and _finite(data["elapsed_s"])
+    assert log.strip().splitlines()[-1].lstrip().startswith("12 ")   # the memory table ends the output
+
+
+def test_paper_quick_run(runs: dict) -> None:
+    log, data = _check_run(runs, "bench_paper")
+    micro = {r["config"]: r for r in data["micro"]}
+    assert {"b1-tf32", "b1-bf16-cl", "b2-tf32-cl", "b2-fp32"} <= set(micro)
+    for row in micro.values():
+        for key in ("forward_s", "vjp_s", "forward_tflops", "vjp_tflops"):
+            assert _finite(row[key]) and row[key] > 0, (row["config"], key)
+
+    base = data["baseline"]
+    assert base["batch"] == 1 and base["natural_segments"] >= 1
+    for key in ("inversion_s", "forward_s", "loss_s", "vjp_s"):
+        assert _finite(base[key]) and base[key] > 0, key
+    assert set(base["iteration_s"]) == {"2", "3", "natural (derived)"}
+    assert base["backward_s"]["2"] == pytest.approx(2 / 3 * base["backward_s"]["3"])
+
+    variants = {v["name"]: v for v in data["variants"]}
+    assert set(variants) == {"b1-tf32", "b2-bf16-cl"}
+    for v in variants.values():
+        for key in ("inversion_s_per_image", "forward_s_per_image", "loss_s_per_image", "iteration_images_per_s",
+                    "forward_tflops", "vjp_tflops", "ours_over_floor", "baseline_over_ours_edit"):
+            assert _finite(v[key]) and v[key] > 0, (v["name"], key)
+        assert set(v["iteration_s_per_image"]) == {"2", "3", "natural (derived)"}
+        assert v["iteration_s_per_image"]["2"] < v["edit_s_per_image_extrapolated"]["2"]
+        assert v["peak_memory_gib"] is None
+    assert variants["b2-bf16-cl"]["channels_last"] and variants["b2-bf16-cl"]["precision"] == "bf16"
+
+    check = data["gradient_check"]
+    assert len(check["cos_bf16"]) == check["batch"] == 2
+    assert check["cos_tf32_min"] == pytest.approx(1.0, abs=1e-6)     # TF32 does nothing on a CPU
+    assert 0.99 <= check["cos_bf16_min"] < 1.0 and check["bf16_ge_0.99"] is True
+
+    apply = data["apply"]
+    assert _finite(apply["apply_s_per_image"]) and apply["ours_edit_over_apply"] > 1
+    assert _finite(apply["baseline_edit_over_apply"])
+    lines = log.strip().splitlines()                     # the variants table ends the output
+    assert lines[-5].split()[:2] == ["variant", "B"] and lines[-1].split()[0] == "b2-bf16-cl"
+
+
+# --------------------------------------------------------------------------- the baseline is faithful
+
+
+def _mse(target: torch.Tensor):
+    return lambda x: (x - target).square().mean()
+
+
+def test_original_gradients_equal_engine_with_same_segments() -> None:
+    field = ConvField(dtype=torch.float64)
+    z0 = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    target = torch.randn_like(z0)
+    n, starts = 12, [0, 3, 7, 8]
+    result = orig.original_optimization(field, z0, _mse(target), n_steps=n, iterations=1, lr=10.0,
+                                        segments=orig.segment_set_from_starts(starts, n))
+    ours = flowgrad.control_gradients(field, z0, None, lambda x: (x - target).square().mean((1, 2, 3)), n,
+                                      segments=Segmentation.from_starts(starts, n))
+    assert result.n_vjps == [len(starts)]
+    assert result.losses[0] == pytest.approx(ours.losses.item(), rel=1e-7)   # float32 times there
+    grads = torch.stack([result.gradients[k] for k in range(n)])
+    torch.testing.assert_close(grads, ours.gradients, rtol=1e-6, atol=1e-8)
+    assert torch.equal(grads[3], grads[6]) and not torch.equal(grads[6], grads[7])   # re-assigned per segment
+
+
+def test_original_returns_last_controls_not_best() -> None:
+    field = ConvField(dtype=torch.float64)
+    z0 = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    result = orig.original_optimization(field, z0, _mse(torch.zeros_like(z0)), n_steps=6, iterations=1, lr=3.0)
+    # The only evaluated forward pass had zero controls (the best), yet the stepped controls come back.
+    assert result.best_loss == pytest.approx(result.losses[0])
+    for k in range(6):
+        torch.testing.assert_close(result.controls[k], -3.0 * result.gradients[k])
+    assert any(result.controls[k].abs().max() > 0 for k in range(6))
+
+
+def test_original_straightness_wraps_around_at_step_zero() -> None:
+    preds = [torch.ones(1, 2, 2, 2) for _ in range(5)] + [2 * torch.ones(1, 2, 2, 2)]
+    segs = orig.original_straightness(preds, threshold=0.5)
+    # d_0 compares v_0 with v_5 (Python's preds[-1]): 1 > 0.5 closes a segment at once.
+    assert segs == {"indices": [0, 1, 5], "length": {0: 1, 1: 4, 5: 1}}
+    sq = torch.tensor([[p.square().sum().item()] for p in preds], dtype=torch.float64)
+    diff = torch.tensor([[(b - a).square().sum().item()] for a, b in zip(preds, preds[1:])], dtype=torch.float64)
+    traj = Trajectory(grid=TimeGrid.uniform(6), states=torch.zeros(7, 1, 2, 2, 2), controls=None, velocities=None,
+                      velocity_sq_norms=sq, velocity_diff_sq_norms=diff)
+    # flowgrad's rule is one-sided at step 0, so the first segment runs on to the bend.
+    assert segment_steps(straightness(traj)[:, 0].tolist(), 0.5) == Segmentation((0, 5), (5, 1))
+
+
+def test_original_inversion_equals_flowgrad_euler() -> None:
+    field = ConvField(dtype=torch.float64)
+    x1 = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    ours = flowgrad.invert(field, x1, 9, method="euler")
+    torch.testing.assert_close(orig.original_inversion(field, x1, 9), ours, rtol=1e-12, atol=1e-12)
+
+
+def test_original_refuses_batches() -> None:
+    with pytest.raises(ValueError, match="one image"):
+        orig.original_optimization(ConvField(dtype=torch.float64), torch.zeros(2, 3, 4, 4, dtype=torch.float64),
+                                   lambda x: x.sum(), n_steps=3, iterations=1)

@@ -1,0 +1,484 @@
+"""The command-line tools end to end: discover -> apply -> sweep -> inspect, flowgrad edit, and the
+reliability acceptance criteria (kill -9 + --resume, one writer at a time, one-line errors that
+never lose a stored direction)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cli_helpers import (ROOT, TINY_DISCOVERY, assert_cli_error, assert_one_line_error, digest, invoke,
+                         run_script, start_script, subprocess_env)
+from directions.store import Direction, DirectionStore
+
+DEMO = ROOT / "data" / "demo"
+CHILD_TIMEOUT_S = 120.0
+
+pytestmark = pytest.mark.skipif(not (DEMO / "flow.pt").is_file(), reason="demo weights are not in data/demo")
+
+
+def synthetic(name: str, like: Direction, seed: int, *, shape: tuple[int, ...] | None = None) -> Direction:
+    """A random direction as long as ``like`` and stamped with its model (so apply accepts it), of
+    another (n_steps, C, H, W) shape if asked."""
+    vector = np.random.default_rng(seed).standard_normal(shape or like.vector.shape).astype(np.float32)
+    vector *= np.linalg.norm(like.vector) / np.linalg.norm(vector)
+    return Direction.from_vector(name, vector, f"a photo of {name}", model=like.model, clip=like.clip,
+                                 model_fingerprint=like.model_fingerprint, n_images=1,
+                                 created_at="2024-01-01T00:00:00+00:00", flowgrad_version="test")
+
+
+@pytest.fixture(scope="module")
+def base_store(tmp_path_factory) -> Path:
+    """A store with the direction "old", discovered by the CLI with tiny settings."""
+    store = tmp_path_factory.mktemp("cli") / "dirs.h5"
+    result = invoke("discover-directions", "--attr", "old", *TINY_DISCOVERY, "--out", store)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    return store
+
+
+@pytest.fixture()
+def store(base_store, tmp_path) -> Path:
+    """A private copy of the discovered store (tests may add to it)."""
+    copy = tmp_path / "dirs.h5"
+    shutil.copy(base_store, copy)
+    return copy
+
+
+def png(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        assert im.mode == "RGB"
+        return np.asarray(im)
+
+
+# --- the happy path -----------------------------------------------------------------------------
+
+def test_discover_directions_writes_the_direction(base_store):
+    d = DirectionStore(base_store).read("old")
+    assert DirectionStore(base_store).names() == ["old"]
+    assert d.prompt == "a photo of an old person" and d.negative_prompt == "a photo of a young person"
+    assert d.vector.shape == (4, 3, 64, 64) and len(d.records["status"]) == 4
+    assert d.n_images == int((d.records["status"] == "ok").sum()) >= 1
+    assert d.settings["n_images"] == 4 and d.settings["batch_size"] == 2 and d.settings["replicas"] == 1
+    assert d.settings["flowgrad"]["iterations"] == 1
+    assert not Path(f"{base_store}.partial-old").exists()
+
+
+def test_apply_directions_writes_pngs_grid_and_metrics(store, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("apply-directions", "--directions", store, "--attr", "old", "--strength", "1",
+                    "--samples", "2", "--device", "cpu", "--out", out)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert "edited 2 image(s) with old=1" in result.stdout
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["grid.png", "metrics.json", "sample-0_before.png", "sample-0_edited.png",
+                     "sample-1_before.png", "sample-1_edited.png"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["edits"] == {"old": 1.0} and metrics["project_out"] == []
+    assert metrics["n_steps"] == 4 and metrics["images"] == ["sample-0", "sample-1"]
+    assert metrics["reconstruction_rmse"] is None
+    assert len(metrics["l1_change"]) == 2 and min(metrics["l1_change"]) > 0
+    assert png(out / "grid.png").shape == (2 * (128 + 2) + 2, 2 * (128 + 2) + 2, 3)  # 2 rows x 2, upscaled 2x
+
+    # the PNGs are the stored direction applied at strength 1 to the seeded samples
+    from directions.apply import apply_controls
+    from directions.discover import sample_latents
+    from flowgrad.models import load_model
+
+    velocity = load_model("demo")
+    direction = DirectionStore(store).read("old")
+    z0 = sample_latents((3, 64, 64), 1, range(2))  # --seed defaults to 1
+    with torch.no_grad():
+        before = velocity.to_image(apply_controls(velocity, z0, None, 4)).clamp(0, 1)
+        after = velocity.to_image(apply_controls(velocity, z0, torch.from_numpy(direction.vector), 4)).clamp(0, 1)
+    for i in range(2):
+        for label, image in (("before", before[i]), ("edited", after[i])):
+            expected = (image.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.int16)
+            assert np.abs(png(out / f"sample-{i}_{label}.png").astype(np.int16) - expected).max() <= 1
+    np.testing.assert_allclose(metrics["l1_change"], (after - before).abs().flatten(1).mean(1).numpy(), rtol=1e-4)
+
+
+def test_apply_directions_composes_and_projects_out(store, tmp_path):
+    old = DirectionStore(store).read("old")
+    DirectionStore(store).write(Direction.from_vector("twin", old.vector, old.prompt, model=old.model,
+                                                      model_fingerprint=old.model_fingerprint))
+    DirectionStore(store).write(synthetic("smiling", old, seed=1))
+
+    def l1(*args: str) -> list[float]:
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        result = invoke("apply-directions", "--directions", store, *args, "--samples", "2", "--device", "cpu",
+                        "--out", out)
+        assert result.exit_code == 0, (result.stderr, result.exception)
+        return json.loads((out / "metrics.json").read_text())
+
+    cancelled = l1("--attr", "old=1", "--attr", "twin=-1")
+    assert cancelled["edits"] == {"old": 1.0, "twin": -1.0}
+    assert cancelled["l1_change"] == [0.0, 0.0]
+    assert max(l1("--attr", "old", "--project-out", "twin")["l1_change"]) < 1e-5
+    twice, once = l1("--attr", "old=0.5", "--attr", "old=0.5"), l1("--attr", "old=1")
+    assert twice["edits"] == once["edits"] == {"old": 1.0}  # a repeated name adds up, as applied
+    np.testing.assert_allclose(twice["l1_change"], once["l1_change"], rtol=1e-5)
+    both = l1("--attr", "old=1.5", "--attr", "smiling=0.5", "--project-out", "twin")
+    assert both["edits"] == {"old": 1.5, "smiling": 0.5} and both["project_out"] == ["twin"]
+    only_smiling = l1("--attr", "smiling=0.5", "--project-out", "old")
+    assert min(both["l1_change"]) > 0
+    np.testing.assert_allclose(both["l1_change"], only_smiling["l1_change"], rtol=1e-4, atol=1e-7)
+
+
+def test_plot_sweep_writes_figure_csv_and_json_with_judged_factors(store, tmp_path):
+    out = tmp_path / "sweep.png"
+    result = invoke("plot-sweep", "--directions", store, "--attr", "old", "--strengths", "-1:1:3",
+                    "--samples", "2", "--device", "cpu", "--out", out)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size[0] > 500
+    with open(out.with_suffix(".csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6
+    assert {"strength", "image", "l1", "clip", "age", "smile", "glasses"} <= set(rows[0])
+    assert [float(r["strength"]) for r in rows] == [-1.0, -1.0, 0.0, 0.0, 1.0, 1.0]
+    assert {r["image"] for r in rows} == {"sample-0", "sample-1"}
+    assert all(float(r["l1"]) == 0.0 for r in rows if float(r["strength"]) == 0.0)
+    assert all(float(r["l1"]) > 0.0 for r in rows if float(r["strength"]) != 0.0)
+    assert all(0.0 <= float(r["age"]) <= 1.0 for r in rows)
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["direction"] == "old" and report["strengths"] == [-1.0, 0.0, 1.0]
+    assert {"l1", "clip", "age"} <= set(report["mean"]) and len(report["mean"]["age"]) == 3
+    assert len(report["per_image"]) == 6
+
+
+def test_inspect_lists_directions_and_pairwise_cosines(store):
+    single = invoke("flowgrad", "inspect", store)
+    assert single.exit_code == 0, (single.stderr, single.exception)
+    assert "1 direction(s)" in single.stdout and "[old]" in single.stdout
+    assert "pairwise cosines" not in single.stdout
+
+    old = DirectionStore(store).read("old")
+    other = synthetic("other", old, seed=2)
+    DirectionStore(store).write(other)
+    DirectionStore(store).write(synthetic("small", old, seed=3, shape=(4, 3, 32, 32)))
+    result = invoke("flowgrad", "inspect", store)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    text = result.stdout
+    assert "3 direction(s)" in text and "[old]" in text and "[other]" in text and "[small]" in text
+    assert "pairwise cosines" in text
+    rows = {line.split()[0]: line.split()[1:] for line in text.split("pairwise cosines")[1].splitlines()[2:]
+            if line.strip()}
+    assert list(rows) == ["old", "other", "small"]  # sorted by name
+    assert [rows[n][i] for i, n in enumerate(rows)] == ["1.000"] * 3
+    cos = float(old.vector.ravel().astype(np.float64) @ other.vector.ravel()
+                / (np.linalg.norm(old.vector) * np.linalg.norm(other.vector)))
+    assert rows["old"][1] == rows["other"][0] == f"{cos:.3f}"
+    assert rows["old"][2] == rows["small"][0] == "n/a"  # other image shape: no cosine
+
+
+# --- reliability ---------------------------------------------------------------------------------
+
+def _wait_for_batch(partial: Path, proc: subprocess.Popen) -> int:
+    deadline = time.monotonic() + CHILD_TIMEOUT_S
+    while time.monotonic() < deadline:
+        done = len(list(partial.glob("batch_*.npz"))) if partial.is_dir() else 0
+        if done:
+            return done
+        if proc.poll() is not None:
+            pytest.fail(f"discover-directions ended (exit {proc.returncode}) before its first batch: "
+                        f"{proc.stderr.read()}")
+        time.sleep(0.01)
+    proc.kill()
+    pytest.fail("no batch checkpoint appeared in time")
+
+
+def test_kill_9_then_resume_equals_the_uninterrupted_run(base_store, tmp_path):
+    args = ["--attr", "old", "--n-images", "6", "--batch-size", "2", "--steps", "4", "--iterations", "1",
+            "--replicas", "1", "--device", "cpu"]
+    killed = tmp_path / "killed.h5"
+    keep = synthetic("keep", DirectionStore(base_store).read("old"), seed=4)
+    DirectionStore(killed).write(keep)
+    before = DirectionStore(killed).read("keep").vector.tobytes()
+
+    proc = start_script("discover-directions", *args, "--out", killed)
+    try:
+        partial = tmp_path / "killed.h5.partial-old"
+        _wait_for_batch(partial, proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=CHILD_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert 1 <= len(list(partial.glob("batch_*.npz"))) < 3  # killed mid-job
+    assert DirectionStore(killed).names() == ["keep"]
+    assert DirectionStore(killed).read("keep").vector.tobytes() == before
+
+    again = invoke("discover-directions", *args, "--out", killed)  # without --resume: refused
+    assert_cli_error(again, "--resume")
+    changed = invoke("discover-directions", *args, "--seed", "3", "--out", killed, "--resume")
+    assert_cli_error(changed, "settings differ", "seed")
+    assert 1 <= len(list(partial.glob("batch_*.npz"))) < 3  # the refused jobs touched nothing
+    resumed = invoke("discover-directions", *args, "--out", killed, "--resume")
+    assert resumed.exit_code == 0, (resumed.stderr, resumed.exception)
+    assert not partial.exists()
+
+    reference = tmp_path / "reference.h5"
+    plain = invoke("discover-directions", *args, "--out", reference)
+    assert plain.exit_code == 0, (plain.stderr, plain.exception)
+    got, want = DirectionStore(killed).read("old"), DirectionStore(reference).read("old")
+    rel = np.linalg.norm((got.vector - want.vector).astype(np.float64)) / np.linalg.norm(want.vector)
+    assert rel <= 1e-5
+    assert got.records["source"].tolist() == want.records["source"].tolist()
+    np.testing.assert_allclose(got.records["loss_after"], want.records["loss_after"], rtol=1e-5, atol=1e-7)
+    assert DirectionStore(killed).names() == ["keep", "old"]
+    assert DirectionStore(killed).read("keep").vector.tobytes() == before
+
+
+def test_a_second_concurrent_writer_is_refused(store, tmp_path):
+    before = digest(store)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom directions.store import DirectionStore\n"
+         "with DirectionStore(sys.argv[1]).lock():\n    print('locked', flush=True)\n    sys.stdin.read()\n",
+         str(store)],
+        env=subprocess_env(), cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = invoke("discover-directions", "--attr", "young", *TINY_DISCOVERY, "--out", store)
+        line = assert_cli_error(result, "locked")
+        assert f"pid {holder.pid}" in line
+        assert not Path(f"{store}.partial-young").exists()
+        # readers need no lock: applying still works while a job holds the store
+        applied = invoke("apply-directions", "--directions", store, "--attr", "old", "--samples", "1",
+                         "--device", "cpu", "--out", tmp_path / "out")
+        assert applied.exit_code == 0, (applied.stderr, applied.exception)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=CHILD_TIMEOUT_S)
+        holder.stdout.close()
+    assert digest(store) == before
+
+
+# --- one-line errors that lose nothing ------------------------------------------------------------
+
+def _images(folder: Path) -> dict[str, Path]:
+    """Bad inputs of every kind, plus a good RGB image."""
+    rng = np.random.default_rng(0)
+    paths = {}
+    paths["gray"] = folder / "gray.png"
+    Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8), "L").save(paths["gray"])
+    paths["rgba"] = folder / "rgba.png"
+    Image.fromarray(rng.integers(0, 255, (64, 64, 4), dtype=np.uint8), "RGBA").save(paths["rgba"])
+    paths["text"] = folder / "notes.png"
+    paths["text"].write_text("this is not an image\n")
+    paths["missing"] = folder / "missing.png"
+    paths["rgb"] = folder / "face.png"
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), "RGB").save(paths["rgb"])
+    return paths
+
+
+APPLY_ERRORS = {
+    "grayscale": (["{gray}"], ["grayscale", "gray.png"]),
+    "rgba": (["{rgba}"], ["alpha channel", "rgba.png"]),
+    "not-an-image": (["{text}"], ["notes.png is not a readable image"]),
+    "missing-image": (["{missing}"], ["no such image file", "missing.png"]),
+    "samples-and-images": (["{rgb}", "--samples", "2"], ["not both"]),
+    "unknown-direction": (["--samples", "1", "--attr", "nosuch"], ["no direction 'nosuch'", "old"]),
+    "wrong-shape": (["--samples", "1", "--attr", "small"], ["'small'", "(3, 32, 32)", "(3, 64, 64)"]),
+}
+
+
+@pytest.mark.parametrize("case", list(APPLY_ERRORS))
+def test_apply_errors_are_one_line_and_lose_nothing(store, tmp_path, case):
+    old = DirectionStore(store).read("old")
+    DirectionStore(store).write(synthetic("small", old, seed=5, shape=(4, 3, 32, 32)))
+    before = digest(store)
+    paths = _images(tmp_path)
+    extra, fragments = APPLY_ERRORS[case]
+    attr = [] if "--attr" in extra else ["--attr", "old"]
+    args = [a.format(**{k: str(v) for k, v in paths.items()}) for a in extra]
+    result = invoke("apply-directions", "--directions", store, *attr, *args, "--device", "cpu",
+                    "--out", tmp_path / "out")
+    assert_cli_error(result, *fragments)
+    assert not (tmp_path / "out" / "metrics.json").exists()
+    assert digest(store) == before
+    assert DirectionStore(store).read("old").vector.tobytes() == old.vector.tobytes()
+
+
+def test_sweep_refuses_a_direction_of_another_shape(store, tmp_path):
+    DirectionStore(store).write(synthetic("small", DirectionStore(store).read("old"), seed=6, shape=(4, 3, 32, 32)))
+    before = digest(store)
+    result = invoke("plot-sweep", "--directions", store, "--attr", "small", "--samples", "1", "--device", "cpu",
+                    "--out", tmp_path / "sweep.png")
+    assert_cli_error(result, "(3, 32, 32)")
+    assert digest(store) == before and not (tmp_path / "sweep.png").exists()
+
+
+def test_unknown_attribute_is_one_line_and_loses_nothing(store):
+    before = digest(store)
+    result = invoke("discover-directions", "--attr", "nosuchattr", *TINY_DISCOVERY, "--out", store)
+    assert_cli_error(result, "unknown attribute 'nosuchattr'", "old")
+    assert digest(store) == before
+    assert DirectionStore(store).names() == ["old"]
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _future_version(path: Path) -> None:
+    with h5py.File(path, "a") as f:
+        f.attrs["format_version"] = np.int64(2)
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(range(256)) * 8)
+
+
+@pytest.mark.parametrize(("damage", "fragment"), [(_truncate, "not a readable flowgrad direction store"),
+                                                  (_garbage, "not a readable flowgrad direction store"),
+                                                  (_future_version, "newer flowgrad (format_version 2)")],
+                         ids=["truncated", "garbage", "future-version"])
+def test_damaged_stores_are_refused_by_every_command_and_left_alone(store, tmp_path, damage, fragment):
+    vector = DirectionStore(store).read("old").vector.tobytes()
+    damage(store)
+    before = digest(store)
+    runs = {
+        "inspect": invoke("flowgrad", "inspect", store),
+        "apply": invoke("apply-directions", "--directions", store, "--attr", "old", "--samples", "1",
+                        "--device", "cpu", "--out", tmp_path / "out"),
+        "sweep": invoke("plot-sweep", "--directions", store, "--attr", "old", "--samples", "1",
+                        "--device", "cpu", "--out", tmp_path / "sweep.png"),
+        "discover": invoke("discover-directions", "--attr", "young", *TINY_DISCOVERY, "--out", store),
+    }
+    for name, result in runs.items():
+        line = assert_cli_error(result, fragment)
+        assert str(store.name) in line, name
+    assert digest(store) == before  # nobody "repaired" (overwrote) the file
+    assert not Path(f"{store}.partial-young").exists()
+    if damage is _future_version:  # the direction is still there for a newer flowgrad
+        with h5py.File(store, "r") as f:
+            assert f["directions/old/vector"][()].tobytes() == vector
+        with h5py.File(store, "a") as f:
+            f.attrs["format_version"] = np.int64(1)
+        assert DirectionStore(store).read("old").vector.tobytes() == vector
+
+
+def test_errors_in_a_real_process_print_exactly_one_line(store, tmp_path):
+    """The console scripts themselves (not CliRunner): real stderr, real exit status."""
+    gray = _images(tmp_path)["gray"]
+    before = digest(store)
+    proc = run_script("apply-directions", gray, "--directions", store, "--attr", "old", "--device", "cpu",
+                      "--out", tmp_path / "out", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert_one_line_error(proc.returncode, proc.stderr, "grayscale")
+    _truncate(store)
+    broken = digest(store)
+    proc = run_script("flowgrad", "inspect", store, cwd=tmp_path)
+    assert_one_line_error(proc.returncode, proc.stderr, "not a readable flowgrad direction store")
+    assert digest(store) == broken != before
+
+
+# --- flowgrad edit and demo evaluate --------------------------------------------------------------
+
+EDIT_KEYS = {"prompt", "negative_prompt", "alpha", "model", "clip", "clip_score_original",
+             "clip_score_reconstruct", "clip_score_optimized", "l1_optimized_vs_original", "reconstruction_rmse",
+             "loss_before", "loss_best", "best_iteration", "status", "segments_per_iteration", "n_steps",
+             "iterations", "lr", "threshold", "wall_time_s"}
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> dict[str, Path]:
+    from flowgrad.demo.render import render
+
+    from cli.images import to_pil
+
+    folder = tmp_path_factory.mktemp("renders")
+    images, _ = render(2, seed=3)
+    square, wide = folder / "face.png", folder / "wide.png"
+    to_pil(images[0]).save(square)
+    to_pil(images[1]).resize((96, 64)).save(wide)
+    return {"square": square, "wide": wide}
+
+
+def _edit(image: Path, out: Path):
+    return invoke("flowgrad", "edit", image, "--prompt", "a photo of a smiling person", "--steps", "4",
+                  "--iterations", "1", "--replicas", "1", "--device", "cpu", "--out", out)
+
+
+def test_apply_directions_inverts_real_images(store, rendered, tmp_path):
+    twin = tmp_path / "other" / "face.png"  # same file name in another folder
+    twin.parent.mkdir()
+    shutil.copy(rendered["square"], twin)
+    out = tmp_path / "out"
+    result = invoke("apply-directions", rendered["square"], twin, rendered["wide"], "--directions", store,
+                    "--attr", "old", "--device", "cpu", "--out", out)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert "notice: wide.png: 96x64 center-cropped and resized to 64x64" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == ["face", "face-2", "wide"]  # no output overwrites another
+    for label in metrics["images"]:
+        assert png(out / f"{label}_before.png").shape == (64, 64, 3)
+        assert png(out / f"{label}_edited.png").shape == (64, 64, 3)
+    rmse = metrics["reconstruction_rmse"]
+    assert len(rmse) == 3 and all(0 <= r < 0.5 for r in rmse) and rmse[0] == pytest.approx(rmse[1])
+    assert png(out / "grid.png").shape == (3 * 130 + 2, 3 * 130 + 2, 3)  # originals, before, after
+
+
+def test_edit_writes_the_three_images_and_metrics(rendered, tmp_path):
+    out = tmp_path / "edit"
+    result = _edit(rendered["square"], out)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert "notice:" not in result.stdout
+    for name in ("original.png", "reconstruct.png", "optimized.png"):
+        assert png(out / name).shape == (64, 64, 3)
+    np.testing.assert_array_equal(png(out / "original.png"), png(rendered["square"]))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert EDIT_KEYS <= set(metrics), EDIT_KEYS - set(metrics)
+    assert metrics["prompt"] == "a photo of a smiling person" and metrics["n_steps"] == 4
+    assert metrics["iterations"] == 1 and metrics["status"] == "ok"
+    assert len(metrics["segments_per_iteration"]) >= 1
+    assert metrics["loss_best"] <= metrics["loss_before"] + 1e-6
+    assert 0 <= metrics["reconstruction_rmse"] < 0.5
+    for key in ("clip_score_original", "clip_score_reconstruct", "clip_score_optimized",
+                "l1_optimized_vs_original"):
+        assert np.isfinite(metrics[key]), key
+
+
+def test_edit_resizes_an_image_of_another_size_with_a_notice(rendered, tmp_path):
+    out = tmp_path / "edit"
+    result = _edit(rendered["wide"], out)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert "notice: wide.png: 96x64 center-cropped and resized to 64x64" in result.stdout
+    assert png(out / "original.png").shape == (64, 64, 3)
+    assert EDIT_KEYS <= set(json.loads((out / "metrics.json").read_text()))
+
+
+def test_edit_refuses_a_grayscale_image(tmp_path):
+    gray = _images(tmp_path)["gray"]
+    assert_cli_error(_edit(gray, tmp_path / "edit"), "grayscale")
+    assert not (tmp_path / "edit").exists()
+
+
+@pytest.mark.slow
+def test_demo_evaluate_small(tmp_path):
+    """`flowgrad demo evaluate --n 16 --steps 4` (about 7 s on one CPU thread)."""
+    out = tmp_path / "report.json"
+    result = invoke("flowgrad", "demo", "evaluate", "--n", "16", "--steps", "4", "--device", "cpu", "--out", out)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    report = json.loads(out.read_text())
+    assert {"judge", "clip_zero_shot_renders", "flow", "clip_zero_shot_flow_samples", "card", "seconds"} <= set(report)
+    assert {"age", "smile", "glasses"} <= set(report["judge"])
+    assert result.stdout.strip() == out.read_text().strip()
