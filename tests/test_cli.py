@@ -482,3 +482,39 @@ def test_demo_evaluate_small(tmp_path):
     assert {"judge", "clip_zero_shot_renders", "flow", "clip_zero_shot_flow_samples", "card", "seconds"} <= set(report)
     assert {"age", "smile", "glasses"} <= set(report["judge"])
     assert result.stdout.strip() == out.read_text().strip()
+
+
+# --- real-model inputs: one-line errors (issue "real models") -------------------------------------
+NCSNPP_DATA = ROOT / "tests" / "data" / "ncsnpp"
+
+
+def _bad_model_files(tmp_path: Path) -> dict[str, Path]:
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint\n")
+    other = tmp_path / "other_arch.pth"
+    torch.save({"model": {"module.conv.weight": torch.zeros(3, 3)}, "ema": {}, "step": 0}, other)
+    return {"text": text, "other": other}
+
+
+@pytest.mark.parametrize("case,extra,fragment", [
+    ("text", [], "notes.pth"),
+    ("other", [], "other_arch.pth"),
+    ("config", ["--model-config", "rectified-flow-celebahq-256"], "small_rf_checkpoint.pth"),
+    ("missing", [], "RectifiedFlow"),
+])
+def test_edit_with_a_bad_model_file_is_one_line(rendered, tmp_path, case, extra, fragment):
+    files = _bad_model_files(tmp_path) | {"config": NCSNPP_DATA / "small_rf_checkpoint.pth",
+                                          "missing": tmp_path / "nowhere.pth"}
+    result = invoke("flowgrad", "edit", str(rendered["square"]), "--prompt", "a photo of a smiling person",
+                    "--model", f"ncsnpp:{files[case]}", *extra, "--steps", "2", "--iterations", "1",
+                    "--device", "cpu", "--out", str(tmp_path / "edit"))
+    assert_cli_error(result, fragment)
+    assert not (tmp_path / "edit").exists()
+
+
+def test_edit_with_a_missing_clip_file_says_where_to_put_it(rendered, tmp_path):
+    missing = tmp_path / "vit_b32.bin"
+    result = invoke("flowgrad", "edit", str(rendered["square"]), "--prompt", "a photo of a smiling person",
+                    "--clip", f"ViT-B-32-quickgelu:{missing}", "--steps", "2", "--iterations", "1",
+                    "--device", "cpu", "--out", str(tmp_path / "edit"))
+    assert_cli_error(result, str(missing))
