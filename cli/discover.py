@@ -32,13 +32,13 @@ def _slug(text: str) -> str:
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--steps", "n_steps", type=int, default=20, show_default=True, help="Euler steps N.")
 @click.option("--iterations", type=int, default=6, show_default=True)
-@click.option("--lr", type=float, default=3.0, show_default=True)
+@click.option("--lr", type=float, default=10.0, show_default=True)
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
 @click.option("--threshold", type=float, default=5e-3, show_default=True,
               help="Straightness threshold (0: exact backprop).")
 @click.option("--alpha", type=float, default=0.7, show_default=True, help="CLIP weight; 1-alpha weighs L1.")
 @click.option("--replicas", type=int, default=4, show_default=True, help="Augmented copies in the CLIP loss.")
-@click.option("--t-window", nargs=2, type=float, default=(0.0, 1.0), show_default=True,
+@click.option("--t-window", nargs=2, type=float, default=(0.3, 1.0), show_default=True,
               help="Optimize only controls with t in [T_START, T_END].")
 @click.option("--aggregator", type=click.Choice(["mean", "pc1", "pca", "probe", "robust"]), default="mean",
               show_default=True)

@@ -42,7 +42,9 @@ def inspect_store(store_path: Path) -> None:
         units = [resample_steps(torch.from_numpy(d.vector), n).double().flatten() for d in directions]
         units = [u / u.norm() for u in units]
         width = max(len(d.name) for d in directions)
-        console("\npairwise cosines (n/a: different image shapes):")
+        mixed = len({d.image_shape for d in directions}) > 1
+        console("\npairwise cosines (after resampling to a common step count"
+                + ("; n/a: different image shapes):" if mixed else "):"))
         console(" " * (width + 2) + "  ".join(f"{d.name[:8]:>8}" for d in directions))
         for d, u in zip(directions, units):
             console(f"{d.name:<{width}}  " + "  ".join(

@@ -13,9 +13,10 @@ uninterrupted process.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from . import distributed as dist
 from .aggregate import Method, aggregate, split_half_cosine
 from .checkpoint import JobCheckpoint
 from .store import Direction, DirectionStore
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DiscoveryConfig", "BatchProgress", "discover", "image_seed", "sample_latents",
            "partial_dir"]
@@ -64,7 +67,7 @@ class DiscoveryConfig:
     n_images: int = 32
     batch_size: int = 16
     seed: int = 0
-    flowgrad: FlowGradConfig = field(default_factory=lambda: FlowGradConfig(n_steps=20, iterations=6, lr=3.0))
+    flowgrad: FlowGradConfig = field(default_factory=lambda: FlowGradConfig(n_steps=20, iterations=6, lr=10.0, t_window=(0.3, 1.0)))
     alpha: float = 0.7
     replicas: int = 4
     directional: bool = True
@@ -135,10 +138,9 @@ def _image_files(folder: str) -> list[Path]:
     return files
 
 
-def _batch_inputs(cfg: DiscoveryConfig, velocity, b: int, device: torch.device,
+def _batch_inputs(cfg: DiscoveryConfig, velocity, idx: Sequence[int], device: torch.device,
                   load_image: Callable[[Path, int], Tensor] | None) -> tuple[Tensor, Tensor, list[str], Tensor]:
     """Latents z0 (B, C, H, W), source images in [0, 1], source labels, reconstruction RMSE (B,)."""
-    idx = cfg.batch_indices(b)
     grid = TimeGrid.uniform(cfg.flowgrad.n_steps, cfg.flowgrad.eps)
     if cfg.images is None:
         z0 = sample_latents(tuple(velocity.sample_shape), cfg.seed, idx).to(device)
@@ -157,12 +159,43 @@ def _batch_inputs(cfg: DiscoveryConfig, velocity, b: int, device: torch.device,
     return z0, images, [str(files[i]) for i in idx], rmse.cpu()
 
 
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
 def _run_batch(cfg: DiscoveryConfig, velocity, clip, b: int, device: torch.device, load_image,
-               report: Callable[[int, float], None]) -> tuple[dict[str, np.ndarray], dict[str, list]]:
-    z0, source, labels, rmse = _batch_inputs(cfg, velocity, b, device, load_image)
+               report: Callable[[int, float], None],
+               indices: Sequence[int] | None = None) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    """Optimize the images of batch ``b`` (or the ``indices`` subset of it, after an out-of-memory)."""
+    idx = list(cfg.batch_indices(b) if indices is None else indices)
+    try:
+        return _optimize_images(cfg, velocity, clip, b, idx, device, load_image, report)
+    except _OOM:
+        if len(idx) == 1:
+            raise RuntimeError(f"out of {device.type.upper()} memory with a single image; free memory, "
+                               "use fewer --steps or --device cpu") from None
+    # Halve and continue (outside the handler, so the failed attempt's tensors are freed first); both
+    # halves run now, so the batch is stored complete and nothing is lost.
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    half = len(idx) // 2
+    log.warning("batch %d: out of memory with %d images; continuing in halves of %d and %d",
+                b, len(idx), half, len(idx) - half)
+    parts = [_run_batch(cfg, velocity, clip, b, device, load_image, report, idx[:half]),
+             _run_batch(cfg, velocity, clip, b, device, load_image, report, idx[half:])]
+    arrays = {k: np.concatenate([a[k] for a, _ in parts]) for k in parts[0][0]}
+    records = {k: list(parts[0][1][k]) + list(parts[1][1][k]) for k in parts[0][1]}
+    return arrays, records
+
+
+def _optimize_images(cfg: DiscoveryConfig, velocity, clip, b: int, idx: list[int], device: torch.device,
+                     load_image, report: Callable[[int, float], None]
+                     ) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    z0, source, labels, rmse = _batch_inputs(cfg, velocity, idx, device, load_image)
     negative = cfg.negative_prompt if (cfg.directional and cfg.negative_prompt) else None
+    # A sub-batch after an out-of-memory draws its own augmentations (seeded by its first image).
+    seed = cfg.seed * 1_000_003 + b + (0 if idx[0] == cfg.batch_indices(b)[0] else 7_919 * (idx[0] + 1))
     loss = ClipLoss(clip, cfg.prompt, negative_prompt=negative, source=source, alpha=cfg.alpha,
-                    replicas=cfg.replicas, seed=cfg.seed * 1_000_003 + b)
+                    replicas=cfg.replicas, seed=seed)
     result = optimize(velocity, z0, lambda x: loss(velocity.to_image(x)), config=cfg.flowgrad,
                       callback=lambda info: report(info.iteration, float(np.nanmean(info.losses.numpy()))))
     with torch.no_grad():
@@ -171,7 +204,7 @@ def _run_batch(cfg: DiscoveryConfig, velocity, clip, b: int, device: torch.devic
         clip_after = clip_score(clip, after, cfg.prompt).cpu().double()
     controls = result.controls.transpose(0, 1).float().cpu()
     records = {
-        "index": list(cfg.batch_indices(b)),
+        "index": idx,
         "source": labels,
         "loss_before": result.initial_loss.tolist(),
         "loss_after": result.best_loss.tolist(),

@@ -501,3 +501,43 @@ def test_discover_resumes_to_the_uninterrupted_result(discovered, demo_models, t
             if stored.records[column].dtype.kind == "U" else \
             np.testing.assert_allclose(stored.records[column], reference.records[column], rtol=1e-5, atol=1e-7)
     assert stored.split_half_cosine == pytest.approx(reference.split_half_cosine, abs=1e-5)
+
+
+class _MemoryLimited:
+    """The demo flow, but any call with more than ``limit`` images raises an out-of-memory error."""
+
+    def __init__(self, velocity, limit: int):
+        self._velocity, self._limit = velocity, limit
+        self.largest = 0
+
+    def __getattr__(self, name):
+        return getattr(self._velocity, name)
+
+    def __call__(self, x, t):
+        if x.shape[0] > self._limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        self.largest = max(self.largest, x.shape[0])
+        return self._velocity(x, t)
+
+
+def test_discover_halves_a_batch_on_out_of_memory_and_loses_nothing(demo_models, tmp_path, caplog):
+    velocity, clip = demo_models
+    limited = _MemoryLimited(velocity, limit=1)
+    with caplog.at_level("WARNING", logger="directions.discover"):
+        d = discover(tiny_config(batch_size=4), limited, clip, tmp_path / "s.h5")
+    assert limited.largest == 1
+    assert "out of memory with 4 images; continuing in halves of 2 and 2" in caplog.text
+    assert "out of memory with 2 images" in caplog.text
+    stored = DirectionStore(tmp_path / "s.h5").read("old", offsets=True)
+    np.testing.assert_array_equal(stored.records["index"], [0, 1, 2, 3])  # every image, in order
+    assert stored.offsets.shape == (4, 4, 3, 64, 64) and np.isfinite(stored.vector).all()
+    np.testing.assert_array_equal(stored.vector, d.vector)
+    assert not partial_dir(tmp_path / "s.h5", "old").exists()
+
+
+def test_discover_out_of_memory_with_one_image_is_a_one_line_error(demo_models, tmp_path):
+    velocity, clip = demo_models
+    with pytest.raises(RuntimeError, match="out of CPU memory with a single image") as err:
+        discover(tiny_config(), _MemoryLimited(velocity, limit=0), clip, tmp_path / "s.h5")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "s.h5").exists()

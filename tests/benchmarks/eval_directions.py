@@ -40,7 +40,13 @@ def judged_change(velocity, z0, control, n_steps, attr):
     delta = {k: (ja[k] - jb[k]).numpy() for k in jb}
     target = delta[attr.factor] * attr.direction
     others = {k: float(np.abs(v).mean()) for k, v in delta.items() if k != attr.factor}
+    extra = {}
+    if set(np.unique(jb[attr.factor].numpy())) <= {0.0, 1.0}:  # binary target: flips among images that can flip
+        can = (jb[attr.factor].numpy() == (0.0 if attr.direction > 0 else 1.0))
+        extra["eligible"] = int(can.sum())
+        extra["eligible_flipped"] = float((target[can] > 0).mean()) if can.any() else float("nan")
     return before, after, {
+        **extra,
         "target_gain_mean": float(target.mean()),
         "target_moved_right_way": float((target > 0).mean()),
         "max_other_abs_change": max(others.values()), "worst_other": max(others, key=others.get),
@@ -57,14 +63,18 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--iterations", type=int, default=6)
-    p.add_argument("--lr", type=float, default=3.0)
+    p.add_argument("--lr", type=float, default=10.0)
     p.add_argument("--alpha", type=float, default=0.7)
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--aggregator", default="mean")
-    p.add_argument("--t-window", nargs=2, type=float, default=(0.0, 1.0))
+    p.add_argument("--t-window", nargs=2, type=float, default=(0.3, 1.0))
     p.add_argument("--strengths", nargs="+", type=float, default=[1.0])
     p.add_argument("--eval-images", type=int, default=64)
     p.add_argument("--per-image", action="store_true", help="Also run per-image FlowGrad on the eval images.")
+    p.add_argument("--eval-seed", type=int, default=EVAL_SEED,
+                   help="Seed of the apply-time samples (use another one when tuning settings).")
+    p.add_argument("--random-control", action="store_true",
+                   help="Also apply a random direction with the same per-step norm (a leakage baseline).")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = p.parse_args()
@@ -90,7 +100,7 @@ def main() -> None:
         else:
             direction = store.read(name)
         t_discover = time.perf_counter() - t0
-        z0 = sample_latents(tuple(velocity.sample_shape), EVAL_SEED, range(args.eval_images)).to(dev)
+        z0 = sample_latents(tuple(velocity.sample_shape), args.eval_seed, range(args.eval_images)).to(dev)
         entry = {"discovery_s": round(t_discover, 2), "split_half_cosine": direction.split_half_cosine,
                  "scale": direction.scale, "strengths": {}}
         for s in args.strengths:
@@ -99,6 +109,14 @@ def main() -> None:
             _, after, stats = judged_change(velocity, z0, control, args.steps, attr)
             stats["apply_s_per_image"] = (time.perf_counter() - t0) / args.eval_images
             entry["strengths"][str(s)] = stats
+            if args.random_control:
+                gen = torch.Generator().manual_seed(12345)
+                noise = torch.randn(control.shape, generator=gen).to(dev)
+                dims = tuple(range(1, control.ndim))
+                per_step = control.flatten(1).norm(dim=1) / noise.flatten(1).norm(dim=1).clamp_min(1e-12)
+                noise = noise * per_step.view(-1, *([1] * len(dims)))
+                _, _, rstats = judged_change(velocity, z0, noise, args.steps, attr)
+                entry.setdefault("random_control", {})[str(s)] = rstats
         if args.per_image:
             before = velocity.to_image(apply_controls(velocity, z0, None, args.steps)).clamp(0, 1)
             loss = ClipLoss(clip, attr.prompt, negative_prompt=attr.negative_prompt, source=before,
@@ -122,6 +140,11 @@ def main() -> None:
     for name, e in report["attributes"].items():
         for s, st in e["strengths"].items():
             print(f"{name:12} {s:>8} {st['target_gain_mean']:7.3f} {100 * st['target_moved_right_way']:6.1f}% "
+                  f"{st['max_other_abs_change']:8.3f} {st['worst_other']:>16} {st['l1']:6.3f}"
+                  + (f"  eligible flipped {100 * st['eligible_flipped']:.1f}% of {st['eligible']}"
+                     if "eligible" in st else ""))
+        for s, st in e.get("random_control", {}).items():
+            print(f"{name:12} {'rand ' + s:>8} {st['target_gain_mean']:7.3f} {100 * st['target_moved_right_way']:6.1f}% "
                   f"{st['max_other_abs_change']:8.3f} {st['worst_other']:>16} {st['l1']:6.3f}")
         if "per_image_flowgrad" in e:
             pi = e["per_image_flowgrad"]
