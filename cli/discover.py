@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from .common import CliError, console, friendly_errors, pick_device, progress_bar, setup_logging
+from .common import (CliError, bf16_option, console, friendly_errors, model_kwargs, pick_device, progress_bar,
+                     setup_logging)
 
 DEFAULT_STORE = Path("directions.h5")
 
@@ -24,6 +25,7 @@ def _slug(text: str) -> str:
 @click.option("--name", default=None, help="Direction name in the store (default: the attribute).")
 @click.option("--model", default="demo", show_default=True, help="'demo' or 'ncsnpp:CHECKPOINT'.")
 @click.option("--model-config", default=None, help="NCSN++ preset name or JSON config.")
+@bf16_option
 @click.option("--clip", default="demo", show_default=True,
               help="'demo', NAME:FILE, CONFIG_JSON:FILE, a model folder or hf-hub:ORG/REPO (local cache).")
 @click.option("--images", "images", type=click.Path(file_okay=False, exists=True), default=None,
@@ -50,7 +52,7 @@ def _slug(text: str) -> str:
 @click.option("--resume", is_flag=True, help="Continue an interrupted job with the same settings.")
 @click.option("-v", "--verbose", is_flag=True)
 @friendly_errors
-def discover_directions(attr, prompt, negative, name, model, model_config, clip, images, n_images, batch_size,
+def discover_directions(attr, prompt, negative, name, model, model_config, bf16, clip, images, n_images, batch_size,
                         n_steps, iterations, lr, optimizer, threshold, alpha, replicas, t_window, aggregator,
                         seed, device, store_path, keep_offsets, resume, verbose) -> None:
     """Discover a global semantic direction with FlowGrad and store it in an HDF5 file.
@@ -78,11 +80,12 @@ def discover_directions(attr, prompt, negative, name, model, model_config, clip,
                         threshold=threshold if threshold > 0 else None, t_window=tuple(t_window))
     cfg = DiscoveryConfig(name=name, prompt=prompt, negative_prompt=negative or "", model=model, clip=clip,
                           images=str(Path(images).resolve()) if images else None, n_images=n_images, batch_size=batch_size, seed=seed, flowgrad=fg,
-                          alpha=alpha, replicas=replicas, aggregator=aggregator, keep_offsets=keep_offsets)
+                          alpha=alpha, replicas=replicas, aggregator=aggregator, keep_offsets=keep_offsets,
+                          precision="bf16-autocast" if bf16 else "float32")
     with dist.process_group(pick_device(device).type) as dev:
         rank, world = dist.rank_and_world()
         t0 = time.perf_counter()
-        velocity = load_model(model, model_config, device=dev)
+        velocity = load_model(model, model_config, device=dev, **model_kwargs(bf16))
         guidance = load_guidance_clip(clip, device=dev)
         with progress_bar(total=cfg.n_images, desc=f"discover {name}", unit="img", disable=rank != 0) as bar:
             def progress(p) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .common import console, friendly_errors, pick_device, progress_bar, setup_logging
+from .common import bf16_option, console, friendly_errors, model_kwargs, pick_device, progress_bar, setup_logging
 
 
 @click.command("edit")
@@ -18,6 +18,7 @@ from .common import console, friendly_errors, pick_device, progress_bar, setup_l
 @click.option("--alpha", type=float, default=0.7, show_default=True, help="CLIP weight; 1-alpha weighs L1.")
 @click.option("--model", default="demo", show_default=True)
 @click.option("--model-config", default=None)
+@bf16_option
 @click.option("--clip", default="demo", show_default=True)
 @click.option("--steps", "n_steps", type=int, default=100, show_default=True)
 @click.option("--iterations", type=int, default=10, show_default=True)
@@ -31,7 +32,7 @@ from .common import console, friendly_errors, pick_device, progress_bar, setup_l
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("-v", "--verbose", is_flag=True)
 @friendly_errors
-def edit(image, prompt, negative, alpha, model, model_config, clip, n_steps, iterations, lr, threshold, replicas,
+def edit(image, prompt, negative, alpha, model, model_config, bf16, clip, n_steps, iterations, lr, threshold, replicas,
          invert_method, seed, device, out_dir, verbose) -> None:
     """Invert IMAGE, optimize it towards --prompt with FlowGrad, and write original/reconstruct/optimized PNGs
     plus metrics.json."""
@@ -47,7 +48,7 @@ def edit(image, prompt, negative, alpha, model, model_config, clip, n_steps, ite
     timings: dict[str, float] = {}
     t = time.perf_counter()
     dev = pick_device(device)
-    velocity = load_model(model, model_config, device=dev)
+    velocity = load_model(model, model_config, device=dev, **model_kwargs(bf16))
     guidance = load_guidance_clip(clip, device=dev)
     timings["load"] = time.perf_counter() - t
     notices: list[str] = []
@@ -93,6 +94,7 @@ def edit(image, prompt, negative, alpha, model, model_config, clip, n_steps, ite
             "best_iteration": int(result.best_iteration[0]), "status": result.status[0],
             "segments_per_iteration": result.segment_counts[:, 0].tolist(), "n_steps": n_steps,
             "iterations": iterations, "lr": cfg.lr, "threshold": cfg.threshold,
+            "precision": "bf16-autocast" if bf16 else "float32",
             "wall_time_s": {k: round(v, 3) for k, v in timings.items()},
         }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

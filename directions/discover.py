@@ -56,6 +56,7 @@ class DiscoveryConfig:
         aggregator: how per-image controls become one direction.
         invert_method: inversion solver for real images.
         keep_offsets: also store the raw per-image controls.
+        precision: how the caller runs the model ("float32" or "bf16-autocast"); recorded for provenance.
     """
 
     name: str
@@ -74,6 +75,7 @@ class DiscoveryConfig:
     aggregator: Method = "mean"
     invert_method: str = "euler"
     keep_offsets: bool = False
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         if not self.prompt.strip():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 import signal
@@ -518,3 +519,25 @@ def test_edit_with_a_missing_clip_file_says_where_to_put_it(rendered, tmp_path):
                     "--clip", f"ViT-B-32-quickgelu:{missing}", "--steps", "2", "--iterations", "1",
                     "--device", "cpu", "--out", str(tmp_path / "edit"))
     assert_cli_error(result, str(missing))
+
+
+def test_edit_runs_an_ncsnpp_checkpoint_under_bf16(rendered, tmp_path):
+    """`flowgrad edit --model ncsnpp:... --model-config ... --bf16` on the small reference checkpoint."""
+    out = tmp_path / "edit"
+    result = invoke("flowgrad", "edit", str(rendered["square"]), "--prompt", "a photo of a smiling person",
+                    "--model", f"ncsnpp:{NCSNPP_DATA / 'small_rf_checkpoint.pth'}",
+                    "--model-config", str(NCSNPP_DATA / "small_config.json"), "--bf16", "--replicas", "1",
+                    "--steps", "2", "--iterations", "1", "--device", "cpu", "--out", str(out))
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["precision"] == "bf16-autocast" and metrics["model"].startswith("ncsnpp:")
+    assert all(math.isfinite(metrics[k]) for k in ("clip_score_original", "clip_score_optimized",
+                                                   "l1_optimized_vs_original"))
+    assert {p.name for p in out.iterdir()} >= {"original.png", "reconstruct.png", "optimized.png", "metrics.json"}
+
+
+def test_bf16_with_the_demo_flow_is_a_one_line_error(tmp_path):
+    result = invoke("discover-directions", "--attr", "old", "--bf16", "--n-images", "2", "--device", "cpu",
+                    "--out", str(tmp_path / "d.h5"))
+    assert_cli_error(result, "bf16 autocast is for NCSN++ models")
+    assert not (tmp_path / "d.h5").exists()

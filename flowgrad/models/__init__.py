@@ -34,6 +34,8 @@ def load_model(spec: str, config: str | None = None, *, device: str | torch.devi
     if spec == "demo":
         if config is not None:
             raise ValueError("the demo model takes no config")
+        if kwargs.get("autocast_dtype") is not None:
+            raise ValueError("bf16 autocast is for NCSN++ models; the demo flow runs in float32")
         from ..demo.world import load_demo_flow
 
         return load_demo_flow(device)
