@@ -116,3 +116,8 @@ def model_kwargs(bf16: bool) -> dict:
     import torch
 
     return {"autocast_dtype": torch.bfloat16} if bf16 else {}
+
+
+def precision_name(bf16: bool) -> str:
+    """How the model runs, as recorded in metrics and direction settings."""
+    return "bf16-autocast" if bf16 else "float32"

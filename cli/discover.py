@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from .common import (CliError, bf16_option, console, friendly_errors, model_kwargs, pick_device, progress_bar,
-                     setup_logging)
+from .common import (CliError, bf16_option, console, friendly_errors, model_kwargs, pick_device, precision_name,
+                     progress_bar, setup_logging)
 
 DEFAULT_STORE = Path("directions.h5")
 
@@ -81,7 +81,7 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
     cfg = DiscoveryConfig(name=name, prompt=prompt, negative_prompt=negative or "", model=model, clip=clip,
                           images=str(Path(images).resolve()) if images else None, n_images=n_images, batch_size=batch_size, seed=seed, flowgrad=fg,
                           alpha=alpha, replicas=replicas, aggregator=aggregator, keep_offsets=keep_offsets,
-                          precision="bf16-autocast" if bf16 else "float32")
+                          precision=precision_name(bf16))
     with dist.process_group(pick_device(device).type) as dev:
         rank, world = dist.rank_and_world()
         t0 = time.perf_counter()

@@ -68,7 +68,8 @@ class DiscoveryConfig:
     n_images: int = 32
     batch_size: int = 16
     seed: int = 0
-    flowgrad: FlowGradConfig = field(default_factory=lambda: FlowGradConfig(n_steps=20, iterations=6, lr=10.0, t_window=(0.3, 1.0)))
+    flowgrad: FlowGradConfig = field(default_factory=lambda: FlowGradConfig(
+        n_steps=20, iterations=6, lr=10.0, t_window=(0.3, 1.0)))  # chosen by tests/benchmarks/tune_directions.sh
     alpha: float = 0.7
     replicas: int = 4
     directional: bool = True

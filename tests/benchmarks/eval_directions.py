@@ -71,6 +71,8 @@ def main() -> None:
     p.add_argument("--strengths", nargs="+", type=float, default=[1.0])
     p.add_argument("--eval-images", type=int, default=64)
     p.add_argument("--per-image", action="store_true", help="Also run per-image FlowGrad on the eval images.")
+    p.add_argument("--project-out", nargs="*", default=[],
+                   help="Directions (discovered first, or read from --store) projected out of every edit.")
     p.add_argument("--eval-seed", type=int, default=EVAL_SEED,
                    help="Seed of the apply-time samples (use another one when tuning settings).")
     p.add_argument("--random-control", action="store_true",
@@ -87,25 +89,31 @@ def main() -> None:
     store = DirectionStore(args.store or out / "eval_directions.h5")
     report = {"card": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "settings": vars(args),
               "attributes": {}}
+
+    def get_direction(name: str):
+        attr = registry[name]
+        if args.store is not None:
+            return store.read(name)
+        cfg = DiscoveryConfig(name=name, prompt=attr.prompt, negative_prompt=attr.negative_prompt,
+                              n_images=args.n_images, batch_size=args.batch_size, flowgrad=fg, alpha=args.alpha,
+                              replicas=args.replicas, aggregator=args.aggregator)
+        return discover(cfg, velocity, clip, store.path, device=dev)
+
+    fg = FlowGradConfig(n_steps=args.steps, iterations=args.iterations, lr=args.lr, t_window=tuple(args.t_window))
+    others = [get_direction(n) for n in args.project_out]
+    if others:
+        report["project_out"] = list(args.project_out)
     for name in args.attrs:
         attr = registry[name]
-        fg = FlowGradConfig(n_steps=args.steps, iterations=args.iterations, lr=args.lr,
-                            t_window=tuple(args.t_window))
         t0 = time.perf_counter()
-        if args.store is None:
-            cfg = DiscoveryConfig(name=name, prompt=attr.prompt, negative_prompt=attr.negative_prompt,
-                                  n_images=args.n_images, batch_size=args.batch_size, flowgrad=fg, alpha=args.alpha,
-                                  replicas=args.replicas, aggregator=args.aggregator)
-            direction = discover(cfg, velocity, clip, store.path, device=dev)
-        else:
-            direction = store.read(name)
+        direction = get_direction(name)
         t_discover = time.perf_counter() - t0
         z0 = sample_latents(tuple(velocity.sample_shape), args.eval_seed, range(args.eval_images)).to(dev)
         entry = {"discovery_s": round(t_discover, 2), "split_half_cosine": direction.split_half_cosine,
                  "scale": direction.scale, "strengths": {}}
         for s in args.strengths:
             t0 = time.perf_counter()
-            control = compose_controls([EditSpec(direction, s)], args.steps).to(dev)
+            control = compose_controls([EditSpec(direction, s)], args.steps, project_out=others).to(dev)
             _, after, stats = judged_change(velocity, z0, control, args.steps, attr)
             stats["apply_s_per_image"] = (time.perf_counter() - t0) / args.eval_images
             entry["strengths"][str(s)] = stats
