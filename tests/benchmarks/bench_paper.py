@@ -159,7 +159,7 @@ def bench_micro(models: Models, args, device, budget: C.Budget, cost: CostModel)
         if b == middle:
             configs.append((b, "fp32", False, False))
             if args.compile:
-                configs += [(b, "bf16", True, True), (b, "tf32", False, True)]
+                configs += [(b, "bf16", False, True), (b, "tf32", False, True)]
     shape = models.base.sample_shape
     f_fwd, f_vjp = cost.flops
     rows = []
