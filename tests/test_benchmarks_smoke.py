@@ -198,3 +198,28 @@ def test_original_refuses_batches() -> None:
     with pytest.raises(ValueError, match="one image"):
         orig.original_optimization(ConvField(dtype=torch.float64), torch.zeros(2, 3, 4, 4, dtype=torch.float64),
                                    lambda x: x.sum(), n_steps=3, iterations=1)
+
+
+@pytest.mark.slow
+def test_eval_directions_tiny_run(tmp_path: Path) -> None:
+    """eval_directions.py end to end on the demo world with tiny settings (about 30 s on CPU)."""
+    if not (ROOT / "data" / "demo" / "flow.pt").is_file():
+        pytest.skip("demo weights are not in data/demo")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(BENCH / "eval_directions.py"), "--attrs", "glasses", "--project-out", "smiling",
+           "--n-images", "2", "--batch-size", "2", "--steps", "4", "--iterations", "1", "--replicas", "1",
+           "--eval-images", "4", "--strengths", "1", "2", "--random-control", "--per-image", "--device", "cpu",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((tmp_path / "eval_directions.json").read_text())
+    assert report["card"] == "cpu" and report["project_out"] == ["smiling"]
+    entry = report["attributes"]["glasses"]
+    assert set(entry["strengths"]) == {"1.0", "2.0"} and set(entry["random_control"]) == {"1.0", "2.0"}
+    for stats in [*entry["strengths"].values(), *entry["random_control"].values()]:
+        assert 0 <= stats["eligible"] <= 4  # glasses is binary: images without glasses can flip
+        assert stats["worst_other"] != "glasses" and len(stats["other_abs_change"]) == 19
+        assert all(_finite(stats[k]) for k in ("target_gain_mean", "max_other_abs_change", "l1"))
+        assert stats["max_other_abs_change"] == max(stats["other_abs_change"].values())
+    assert _finite(entry["per_image_flowgrad"]["s_per_image"]) and entry["per_image_flowgrad"]["s_per_image"] > 0
+    assert "glasses" in proc.stdout and "rand 1.0" in proc.stdout
