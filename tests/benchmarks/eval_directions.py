@@ -33,10 +33,10 @@ from flowgrad.models import load_guidance_clip, load_model  # noqa: E402
 EVAL_SEED = 777  # apply-time samples: disjoint from discovery's seed-0 latents
 
 
-def judged_change(velocity, z0, control, n_steps, attr):
-    before = velocity.to_image(apply_controls(velocity, z0, None, n_steps)).clamp(0, 1)
+def judged_change(velocity, z0, control, n_steps, attr, before, jb):
+    """Apply ``control`` to z0 and compare the judged factors with the unedited ``before`` (judged ``jb``)."""
     after = velocity.to_image(apply_controls(velocity, z0, control, n_steps)).clamp(0, 1)
-    jb, ja = world.judge(before), world.judge(after)
+    ja = world.judge(after)
     delta = {k: (ja[k] - jb[k]).numpy() for k in jb}
     target = delta[attr.factor] * attr.direction
     others = {k: float(np.abs(v).mean()) for k, v in delta.items() if k != attr.factor}
@@ -111,29 +111,29 @@ def main() -> None:
         z0 = sample_latents(tuple(velocity.sample_shape), args.eval_seed, range(args.eval_images)).to(dev)
         entry = {"discovery_s": round(t_discover, 2), "split_half_cosine": direction.split_half_cosine,
                  "scale": direction.scale, "strengths": {}}
+        before = velocity.to_image(apply_controls(velocity, z0, None, args.steps)).clamp(0, 1)
+        jb = world.judge(before)
         for s in args.strengths:
             t0 = time.perf_counter()
             control = compose_controls([EditSpec(direction, s)], args.steps, project_out=others).to(dev)
-            _, after, stats = judged_change(velocity, z0, control, args.steps, attr)
+            _, after, stats = judged_change(velocity, z0, control, args.steps, attr, before, jb)
             stats["apply_s_per_image"] = (time.perf_counter() - t0) / args.eval_images
             entry["strengths"][str(s)] = stats
             if args.random_control:
                 gen = torch.Generator().manual_seed(12345)
                 noise = torch.randn(control.shape, generator=gen).to(dev)
-                dims = tuple(range(1, control.ndim))
                 per_step = control.flatten(1).norm(dim=1) / noise.flatten(1).norm(dim=1).clamp_min(1e-12)
-                noise = noise * per_step.view(-1, *([1] * len(dims)))
-                _, _, rstats = judged_change(velocity, z0, noise, args.steps, attr)
+                noise = noise * per_step.view(-1, *([1] * (control.ndim - 1)))
+                _, _, rstats = judged_change(velocity, z0, noise, args.steps, attr, before, jb)
                 entry.setdefault("random_control", {})[str(s)] = rstats
         if args.per_image:
-            before = velocity.to_image(apply_controls(velocity, z0, None, args.steps)).clamp(0, 1)
             loss = ClipLoss(clip, attr.prompt, negative_prompt=attr.negative_prompt, source=before,
                             alpha=args.alpha, replicas=args.replicas, seed=1)
             t0 = time.perf_counter()
             res = optimize(velocity, z0, lambda x: loss(velocity.to_image(x)), config=fg)
             per_image_s = (time.perf_counter() - t0) / args.eval_images
             edited = velocity.to_image(res.images).clamp(0, 1)
-            jb, ja = world.judge(before), world.judge(edited)
+            ja = world.judge(edited)
             target = (ja[attr.factor] - jb[attr.factor]).numpy() * attr.direction
             entry["per_image_flowgrad"] = {
                 "target_gain_mean": float(target.mean()), "target_moved_right_way": float((target > 0).mean()),
