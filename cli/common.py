@@ -118,6 +118,7 @@ def model_kwargs(bf16: bool) -> dict:
     return {"autocast_dtype": torch.bfloat16} if bf16 else {}
 
 
-def precision_name(bf16: bool) -> str:
-    """How the model runs, as recorded in metrics and direction settings."""
-    return "bf16-autocast" if bf16 else "float32"
+def precision_name(velocity) -> str:
+    """How the loaded model runs (read from the model, not the flag), for metrics and direction settings."""
+    dtype = str(getattr(velocity, "autocast_dtype", None)).removeprefix("torch.")
+    return {"None": "float32", "bfloat16": "bf16-autocast", "float16": "fp16-autocast"}.get(dtype, dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from pathlib import Path
@@ -80,12 +81,12 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
                         threshold=threshold if threshold > 0 else None, t_window=tuple(t_window))
     cfg = DiscoveryConfig(name=name, prompt=prompt, negative_prompt=negative or "", model=model, clip=clip,
                           images=str(Path(images).resolve()) if images else None, n_images=n_images, batch_size=batch_size, seed=seed, flowgrad=fg,
-                          alpha=alpha, replicas=replicas, aggregator=aggregator, keep_offsets=keep_offsets,
-                          precision=precision_name(bf16))
+                          alpha=alpha, replicas=replicas, aggregator=aggregator, keep_offsets=keep_offsets)
     with dist.process_group(pick_device(device).type) as dev:
         rank, world = dist.rank_and_world()
         t0 = time.perf_counter()
         velocity = load_model(model, model_config, device=dev, **model_kwargs(bf16))
+        cfg = dataclasses.replace(cfg, precision=precision_name(velocity))
         guidance = load_guidance_clip(clip, device=dev)
         with progress_bar(total=cfg.n_images, desc=f"discover {name}", unit="img", disable=rank != 0) as bar:
             def progress(p) -> None:

@@ -95,7 +95,7 @@ def edit(image, prompt, negative, alpha, model, model_config, bf16, clip, n_step
             "best_iteration": int(result.best_iteration[0]), "status": result.status[0],
             "segments_per_iteration": result.segment_counts[:, 0].tolist(), "n_steps": n_steps,
             "iterations": iterations, "lr": cfg.lr, "threshold": cfg.threshold,
-            "precision": precision_name(bf16),
+            "precision": precision_name(velocity),
             "wall_time_s": {k: round(v, 3) for k, v in timings.items()},
         }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -73,7 +73,7 @@ def test_discover_directions_writes_the_direction(base_store):
     assert d.vector.shape == (4, 3, 64, 64) and len(d.records["status"]) == 4
     assert d.n_images == int((d.records["status"] == "ok").sum()) >= 1
     assert d.settings["n_images"] == 4 and d.settings["batch_size"] == 2 and d.settings["replicas"] == 1
-    assert d.settings["flowgrad"]["iterations"] == 1
+    assert d.settings["flowgrad"]["iterations"] == 1 and d.settings["precision"] == "float32"
     assert not Path(f"{base_store}.partial-old").exists()
 
 
