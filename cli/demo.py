@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import shlex
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import torch
 
 from .common import CliError, console, pick_device, progress_callback
+
+if TYPE_CHECKING:
+    from flowgrad.demo.train import Callback, TrainConfig, TrainResult
 
 
 @click.group("demo")
@@ -20,10 +26,12 @@ def demo() -> None:
     """The embedded demo world: synthetic portraits, a small rectified flow, a tiny CLIP, a judge."""
 
 
-def _card() -> str:
+def _card(world: int = 1) -> str:
     if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        name = torch.cuda.get_device_name(0)
+    else:
+        name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"{world}x {name}" if world > 1 else name
 
 
 @demo.command("train")
@@ -43,56 +51,90 @@ def _card() -> str:
               help="Continue training the flow from these weights (a flow.pt).")
 def train(part: str, out_dir: Path, steps: int | None, max_seconds: float | None, batch_size: int | None,
           lr: float | None, seed: int, device: str, workers: int, pool: int, init_path: Path | None) -> None:
-    """Train the demo models from streamed renders and write fp16 weights + a manifest entry."""
-    from flowgrad.demo import train as tr
-    from flowgrad.demo.world import CLIP_CONFIG, WEIGHT_FILES, save_payload
+    """Train the demo models from streamed renders and write fp16 weights + a manifest entry.
 
+    The flow also trains data-parallel under torchrun (`torchrun --nproc-per-node K --no-python flowgrad
+    demo train --part flow ...`): --batch-size and --pool are per process; rank 0 writes the weights.
+    """
+    from directions import distributed as dist
+    from flowgrad.demo import train as tr
+    from flowgrad.demo.world import sha256_file
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and part != "flow":
+        raise CliError("only --part flow trains data-parallel")
     dev = pick_device(device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    defaults = {"flow": (30_000, 256, 3e-4), "clip": (6_000, 512, 5e-4), "judge": (6_000, 256, 1e-3)}
-    parts = ["flow", "clip", "judge"] if part == "all" else [part]
-    for name in parts:
-        d_steps, d_bs, d_lr = defaults[name]
-        cfg = tr.TrainConfig(steps=steps or d_steps, batch_size=batch_size or d_bs, lr=lr or d_lr, seed=seed,
-                             max_seconds=max_seconds, warmup=min(500, (steps or d_steps) // 10))
-        with progress_callback(total=cfg.steps, desc=f"train {name}") as cb:
-            if name == "flow":
-                init = None
-                if init_path is not None:
-                    init = torch.load(init_path, map_location="cpu", weights_only=True)["state_dict"]
-                    from flowgrad.demo.world import sha256_file
+    init_sha = sha256_file(init_path) if init_path is not None else None  # before flow.pt may be overwritten
+    group = dist.process_group(dev.type) if launched > 1 else contextlib.nullcontext(dev)
+    with group as dev:
+        rank, world = dist.rank_and_world()
+        for name in ["flow", "clip", "judge"] if part == "all" else [part]:
+            d_steps, d_bs, d_lr = TRAIN_DEFAULTS[name]
+            cfg = tr.TrainConfig(steps=steps or d_steps, batch_size=batch_size or d_bs, lr=lr or d_lr, seed=seed,
+                                 max_seconds=max_seconds, warmup=min(500, (steps or d_steps) // 10))
+            bar = progress_callback(total=cfg.steps, desc=f"train {name}") if rank == 0 else contextlib.nullcontext()
+            with bar as cb:
+                res, config = _train_part(name, cfg, dev, out_dir, workers, pool, init_path, cb)
+            if rank == 0:
+                _write_part(name, res, config, cfg, out_dir, pool, (init_path, init_sha), world)
 
-                    init_sha = sha256_file(init_path)
-                res = tr.train_flow(cfg, device=dev, pool=pool, init=init, callback=cb)
-                config = res.model.config.to_dict()
-            elif name == "clip":
-                config_json = Path(__file__).resolve().parents[1] / "data" / "demo" / CLIP_CONFIG
-                if (out_dir / CLIP_CONFIG).is_file():
-                    config_json = out_dir / CLIP_CONFIG
-                res = tr.train_clip(cfg, str(config_json), device=dev, workers=workers, callback=cb)
-                config = None
-            else:
-                res = tr.train_judge(cfg, device=dev, callback=cb)
-                config = res.model.config.to_dict()
-        entry = save_payload(res.model, config, out_dir / WEIGHT_FILES[name])
-        command = ["flowgrad", "demo", "train", "--part", name, "--steps", str(res.steps),
-                   "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr), "--seed", str(seed)]
-        if name == "flow" and pool:
-            command += ["--pool", str(pool)]
-        if name == "flow" and init_path is not None:
-            command += ["--init", f"<flow.pt sha256 {init_sha}>"]
-        entry.update(part=name, steps=res.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
-                     wall_time_s=round(res.seconds, 1), card=_card(), torch=torch.__version__,
-                     command=shlex.join(command), invoked_as=shlex.join(sys.argv))
-        if name == "flow" and init_path is not None:  # keep the provenance of the stage it continued
-            previous = init_path.with_name("manifest.json")
-            if previous.is_file():
-                prev = json.loads(previous.read_text()).get("files", {}).get(init_path.name)
-                if prev is not None and prev.get("sha256") == init_sha:
-                    entry["previous_stage"] = prev
-        (out_dir / f"train_{name}.json").write_text(json.dumps(entry, indent=2) + "\n")
-        console(f"{name}: {res.steps} steps in {res.seconds:.0f}s -> {out_dir / WEIGHT_FILES[name]} "
-                f"({entry['parameters']:,} parameters, sha256 {entry['sha256'][:12]}…)")
+
+TRAIN_DEFAULTS = {"flow": (30_000, 256, 3e-4), "clip": (6_000, 512, 5e-4), "judge": (6_000, 256, 1e-3)}
+"""(steps, batch size, learning rate) of each part when the options leave them out."""
+
+
+def _train_part(name: str, cfg: TrainConfig, dev: torch.device, out_dir: Path, workers: int, pool: int,
+                init_path: Path | None, callback: Callback | None) -> tuple[TrainResult, dict | None]:
+    """Train one part; returns the library's TrainResult and the architecture dict for the payload."""
+    from flowgrad.demo import train as tr
+    from flowgrad.demo.world import CLIP_CONFIG
+
+    if name == "flow":
+        init = None
+        if init_path is not None:
+            init = torch.load(init_path, map_location="cpu", weights_only=True)["state_dict"]
+        res = tr.train_flow(cfg, device=dev, pool=pool, init=init, callback=callback)
+        return res, res.model.config.to_dict()
+    if name == "clip":
+        config_json = Path(__file__).resolve().parents[1] / "data" / "demo" / CLIP_CONFIG
+        if (out_dir / CLIP_CONFIG).is_file():
+            config_json = out_dir / CLIP_CONFIG
+        return tr.train_clip(cfg, str(config_json), device=dev, workers=workers, callback=callback), None
+    res = tr.train_judge(cfg, device=dev, callback=callback)
+    return res, res.model.config.to_dict()
+
+
+def _write_part(name: str, res: TrainResult, config: dict | None, cfg: TrainConfig, out_dir: Path, pool: int,
+                init: tuple[Path | None, str | None], world: int) -> None:
+    """Write a part's weights and its train_<part>.json record (a command that reproduces it) and say so.
+
+    ``init`` is the flow's --init file and its sha256 (taken before training), or (None, None).
+    """
+    from flowgrad.demo.world import WEIGHT_FILES, save_payload
+
+    init_path, init_sha = init if name == "flow" else (None, None)
+    entry = save_payload(res.model, config, out_dir / WEIGHT_FILES[name])
+    launcher = ["torchrun", "--nproc-per-node", str(world), "--no-python"] if world > 1 else []
+    command = [*launcher, "flowgrad", "demo", "train", "--part", name, "--steps", str(res.steps),
+               "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr), "--seed", str(cfg.seed)]
+    if name == "flow" and pool:
+        command += ["--pool", str(pool)]
+    if init_sha is not None:
+        command += ["--init", f"<flow.pt sha256 {init_sha}>"]
+    entry.update(part=name, steps=res.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
+                 wall_time_s=round(res.seconds, 1), card=_card(world), torch=torch.__version__,
+                 command=shlex.join(command), invoked_as=shlex.join(sys.argv), world_size=world,
+                 global_batch_size=cfg.batch_size * world)
+    if init_sha is not None:  # keep the provenance of the stage it continued
+        previous = init_path.with_name("manifest.json")
+        if previous.is_file():
+            prev = json.loads(previous.read_text()).get("files", {}).get(init_path.name)
+            if prev is not None and prev.get("sha256") == init_sha:
+                entry["previous_stage"] = prev
+    (out_dir / f"train_{name}.json").write_text(json.dumps(entry, indent=2) + "\n")
+    console(f"{name}: {res.steps} steps in {res.seconds:.0f}s -> {out_dir / WEIGHT_FILES[name]} "
+            f"({entry['parameters']:,} parameters, sha256 {entry['sha256'][:12]}…)")
 
 
 @demo.command("manifest")

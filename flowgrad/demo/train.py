@@ -7,6 +7,9 @@
 Every function is reproducible from its seed for a given step count; ``max_seconds`` stops early
 (the number of steps done is returned, so the run can be reproduced with ``steps=`` that number).
 The library never prints: progress goes to ``callback(step, metrics)``.
+
+``train_flow`` also trains data-parallel when a ``torch.distributed`` process group is active (one
+process per GPU, started by torchrun); the other two trainers always run as a single process.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
+import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -82,9 +86,31 @@ CALIBRATION = (20, 70)
 warmup, so the learning-rate schedule of the whole run equals that of a run with ``steps=`` the
 final count)."""
 
+RANK_SEED_STRIDE = 7919
+"""Under a process group, rank r draws its data from seed ``cfg.seed + RANK_SEED_STRIDE * r``, so rank 0
+draws exactly what a single process draws."""
+
+
+def _distributed() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def _from_rank0(value: float, device: torch.device) -> float:
+    """Rank 0's ``value`` on every rank of the process group (NCCL needs a CUDA tensor, gloo a CPU one)."""
+    on = device if tdist.get_backend() == "nccl" else torch.device("cpu")
+    held = torch.tensor([value], dtype=torch.float64, device=on)
+    tdist.broadcast(held, src=0)
+    return float(held.item())
+
 
 def _loop(cfg: TrainConfig, params, step_fn: Callable[[int], dict[str, float]],
-          callback: Callback | None, after_step: Callable[[], None] | None = None) -> tuple[int, float]:
+          callback: Callback | None, after_step: Callable[[], None] | None = None,
+          sync_device: torch.device | None = None) -> tuple[int, float]:
+    """Optimize for ``cfg.steps`` steps (fewer with ``max_seconds``); returns (steps, seconds).
+
+    With ``sync_device`` (set under a process group), every rank takes rank 0's step count and
+    seconds, broadcast through tensors on that device, so no rank waits for a step the others skip.
+    """
     total = [cfg.steps]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
@@ -106,9 +132,14 @@ def _loop(cfg: TrainConfig, params, step_fn: Callable[[int], dict[str, float]],
             per_step = (now - mark) / (CALIBRATION[1] - CALIBRATION[0])
             left = cfg.max_seconds - (now - start)
             total[0] = max(step, min(cfg.steps, step + int(left / per_step)))
+            if sync_device is not None:
+                total[0] = int(_from_rank0(total[0], sync_device))
         if callback is not None and (step % 100 == 1 or step == total[0]):
             callback(step - 1, metrics | {"total": float(total[0])})
-    return step, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if sync_device is not None:
+        seconds = _from_rank0(seconds, sync_device)
+    return step, seconds
 
 
 def render_pool(n: int, seed: int, device: torch.device, chunk: int = 4096) -> Tensor:
@@ -127,8 +158,23 @@ def train_flow(cfg: TrainConfig, arch: UNetConfig = UNetConfig(), device: str | 
 
     With ``pool > 0``, that many renders are made once (8-bit, on ``device``) and batches are drawn
     from them; otherwise every batch is rendered fresh. ``init`` continues from existing weights.
+
+    Under an active ``torch.distributed`` process group the net is wrapped in DistributedDataParallel
+    (gradients averaged over ranks). ``cfg.batch_size`` and ``pool`` are per process (global batch =
+    batch_size × world size); rank r draws its pool, batches and noise from seed
+    ``cfg.seed + RANK_SEED_STRIDE * r`` (rank 0 draws what a single process draws), all ranks start
+    from the same weights, and every rank returns the same result (rank 0's step count and seconds).
+    ``device`` must then be this rank's own GPU under NCCL.
     """
     device = torch.device(device)
+    distributed = _distributed()
+    rank = tdist.get_rank() if distributed else 0
+    if distributed and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if distributed and tdist.get_backend() == "nccl" and device.type != "cuda":
+        raise ValueError(f"device must be this rank's CUDA device under the NCCL backend, got {device}; "
+                         "use gloo for CPU training")
+    data_cfg = replace(cfg, seed=cfg.seed + RANK_SEED_STRIDE * rank)
     torch.manual_seed(cfg.seed)
     net = DemoUNet(arch)
     if init is not None:
@@ -136,12 +182,15 @@ def train_flow(cfg: TrainConfig, arch: UNetConfig = UNetConfig(), device: str | 
     net = net.to(device).to(memory_format=torch.channels_last)
     ema = torch.optim.swa_utils.AveragedModel(
         net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay))
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    data = render_pool(pool, cfg.seed, device) if pool > 0 else None
+    wrapped = net  # what the optimizer steps through: the net itself, or DDP around it
+    if distributed:
+        wrapped = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    gen = torch.Generator(device=device).manual_seed(data_cfg.seed)
+    data = render_pool(pool, data_cfg.seed, device) if pool > 0 else None
 
     def step_fn(step: int) -> dict[str, float]:
         if data is None:
-            images, _ = render(cfg.batch_size, seed=_batch_seed(cfg, step, 0), device=device)
+            images, _ = render(cfg.batch_size, seed=_batch_seed(data_cfg, step, 0), device=device)
         else:
             pick = torch.randint(len(data), (cfg.batch_size,), generator=gen, device=device)
             images = data[pick].float() / 255.0
@@ -150,14 +199,14 @@ def train_flow(cfg: TrainConfig, arch: UNetConfig = UNetConfig(), device: str | 
         t = torch.rand(x1.shape[0], generator=gen, device=device)
         xt = t.view(-1, 1, 1, 1) * x1 + (1 - t.view(-1, 1, 1, 1)) * x0
         with _autocast(device):
-            pred = net(xt, t)
+            pred = wrapped(xt, t)
         loss = F.mse_loss(pred.float(), x1 - x0)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(wrapped.parameters(), 1.0)
         return {"loss": float(loss.detach())} if step % 100 == 0 else {}
 
-    steps, seconds = _loop(cfg, net.parameters(), step_fn, callback,
-                           after_step=lambda: ema.update_parameters(net))
+    steps, seconds = _loop(cfg, wrapped.parameters(), step_fn, callback,
+                           after_step=lambda: ema.update_parameters(net), sync_device=device if distributed else None)
     model = ema.module.eval().requires_grad_(False)
     return TrainResult(model=model, steps=steps, seconds=seconds)
 
@@ -225,7 +274,7 @@ def train_clip(cfg: TrainConfig, clip_config_json: str, device: str | torch.devi
         targets = _caption_targets(list(texts), device)
         loss = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(wrapped.parameters(), 1.0)
         return {"loss": float(loss.detach())} if step % 100 == 0 else {}
 
     steps, seconds = _loop(cfg, model.parameters(), step_fn, callback)

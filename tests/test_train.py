@@ -1,0 +1,158 @@
+"""Demo flow training: reproducible in one process, data-parallel under torchrun (gloo, CPU processes)."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+
+from cli_helpers import ROOT, assert_cli_error, digest, invoke, subprocess_env
+from flowgrad.demo.nets import DemoUNet, UNetConfig
+from flowgrad.demo.train import CALIBRATION, TrainConfig, train_flow
+
+TINY = UNetConfig(channels=(8, 8), time_dim=16, attention_heads=2, groups=4)
+"""About 20k parameters: a training step takes milliseconds on one CPU thread."""
+
+TORCHRUN_TIMEOUT_S = 120.0
+
+WORKER = '''
+import json, sys, types
+
+import torch
+import torch.distributed as tdist
+
+from flowgrad.demo import train as tr
+from flowgrad.demo.nets import UNetConfig
+
+torch.set_num_threads(1)
+out, settings = sys.argv[1], json.loads(sys.argv[2])
+tdist.init_process_group("gloo")
+rank = tdist.get_rank()
+if settings["clock"]:  # a fake clock: the n-th reading is n * (rank + 1) seconds
+    readings = iter(range(1, 1_000))
+    tr.time = types.SimpleNamespace(perf_counter=lambda: (rank + 1) * float(next(readings)))
+res = tr.train_flow(tr.TrainConfig(**settings["cfg"]), UNetConfig.from_dict(settings["arch"]), pool=settings["pool"])
+torch.save({"state_dict": res.model.state_dict(), "steps": res.steps, "seconds": res.seconds}, f"{out}/rank{rank}.pt")
+tdist.destroy_process_group()
+'''
+"""Runs train_flow under an already-launched torchrun process; each rank saves what it returned."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(nproc: int, args: list[str]) -> str:
+    """Run torchrun with ``nproc`` CPU processes and return its stdout; a hang kills every worker."""
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                             "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *args],
+                            cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=TORCHRUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun stops its workers (they run in sessions of their own)
+        proc.communicate(timeout=60)
+        raise AssertionError(f"torchrun did not finish in {TORCHRUN_TIMEOUT_S:.0f} s (ranks out of step?)") from None
+    assert proc.returncode == 0, stderr[-3000:]
+    return stdout
+
+
+def _train_under_torchrun(tmp_path: Path, nproc: int, cfg: TrainConfig, pool: int,
+                          clock: bool = False) -> list[dict]:
+    """What every rank's train_flow returned (state dict, steps, seconds), in rank order."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    settings = {"cfg": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "arch": TINY.to_dict(),
+                "pool": pool, "clock": clock}
+    _torchrun(nproc, [str(worker), str(tmp_path), json.dumps(settings)])
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(nproc)]
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_flow_tiny_learns_and_is_reproducible():
+    cfg = TrainConfig(steps=5, batch_size=4, warmup=2, seed=3)
+    losses: list[float] = []
+    first = train_flow(cfg, TINY, callback=lambda step, m: losses.extend([m["loss"]] if "loss" in m else []))
+    second = train_flow(cfg, TINY)
+    torch.manual_seed(cfg.seed)
+    init = DemoUNet(TINY).state_dict()
+    assert first.steps == second.steps == 5
+    assert losses and all(math.isfinite(x) for x in losses)
+    assert _equal(first.model.state_dict(), second.model.state_dict())
+    assert not _equal(first.model.state_dict(), init)
+
+
+def test_train_flow_with_pool_is_reproducible():
+    cfg = TrainConfig(steps=5, batch_size=4, warmup=2, seed=3)
+    first, second = train_flow(cfg, TINY, pool=16), train_flow(cfg, TINY, pool=16)
+    assert _equal(first.model.state_dict(), second.model.state_dict())
+
+
+def test_process_group_of_one_equals_plain_call():
+    """Rank 0 of a process group draws exactly what a single process draws; DDP over one rank changes nothing."""
+    cfg = TrainConfig(steps=4, batch_size=2, warmup=2, seed=5)
+    plain = train_flow(cfg, TINY, pool=16).model.state_dict()
+    tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+    try:
+        grouped = train_flow(cfg, TINY, pool=16).model.state_dict()
+    finally:
+        tdist.destroy_process_group()
+    assert _equal(grouped, plain)
+
+
+def test_torchrun_two_processes_agree_on_steps_and_weights(tmp_path):
+    """Each rank's fake clock gives it another step count; all must take rank 0's (or DDP would hang).
+
+    Rank 0 reads 1, 2, 3 s at the start, step 20 and step 70: 1/50 s per step and 0.5 s left, so 25 more
+    steps; rank 1 reads 2, 4, 6 s: no time left, so alone it would stop at step 70.
+    """
+    cfg = TrainConfig(steps=1_000, batch_size=2, warmup=10, seed=1, max_seconds=2.5)
+    expected = CALIBRATION[1] + 25
+    rank0, rank1 = _train_under_torchrun(tmp_path, 2, cfg, pool=8, clock=True)
+    assert rank0["steps"] == rank1["steps"] == expected
+    assert rank0["seconds"] == rank1["seconds"] == 3.0  # rank 0's four readings span 1 .. 4 s
+    assert _equal(rank0["state_dict"], rank1["state_dict"])
+    alone = train_flow(replace(cfg, steps=expected, max_seconds=None), TINY, pool=8).model.state_dict()
+    assert not _equal(rank0["state_dict"], alone)  # rank 1 drew other data
+
+
+def test_cli_torchrun_flow_rank_zero_writes_a_reproducible_record(tmp_path):
+    out = tmp_path / "w"
+    stdout = _torchrun(2, ["-m", "cli.main", "demo", "train", "--part", "flow", "--steps", "2", "--batch-size", "2",
+                        "--pool", "8", "--device", "cpu", "--out", str(out)])
+    assert stdout.count("flow: 2 steps") == 1  # rank 0 alone talks
+    record = json.loads((out / "train_flow.json").read_text())
+    assert record["world_size"] == 2 and record["global_batch_size"] == 4 and record["batch_size"] == 2
+    assert record["card"].startswith("2x ")
+    assert record["command"] == ("torchrun --nproc-per-node 2 --no-python flowgrad demo train --part flow "
+                                 "--steps 2 --batch-size 2 --lr 0.0003 --seed 0 --pool 8")
+    assert record["sha256"] == digest(out / "flow.pt")
+    assert sorted(p.name for p in out.iterdir()) == ["flow.pt", "train_flow.json"]
+
+
+def test_cli_refuses_other_parts_under_torchrun(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = invoke("flowgrad", "demo", "train", "--part", "clip", "--device", "cpu", "--out", tmp_path / "w")
+    assert_cli_error(result, "only --part flow trains data-parallel")
+
+
+def test_cli_single_process_record_is_unchanged(tmp_path):
+    out = tmp_path / "w"
+    result = invoke("flowgrad", "demo", "train", "--part", "flow", "--steps", "2", "--batch-size", "2",
+                    "--device", "cpu", "--out", out)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    record = json.loads((out / "train_flow.json").read_text())
+    assert record["command"] == "flowgrad demo train --part flow --steps 2 --batch-size 2 --lr 0.0003 --seed 0"
+    assert record["world_size"] == 1 and record["global_batch_size"] == 2 and "x " not in record["card"][:4]
