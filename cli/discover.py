@@ -43,6 +43,11 @@ def _slug(text: str) -> str:
 @click.option("--replicas", type=int, default=4, show_default=True, help="Augmented copies in the CLIP loss.")
 @click.option("--t-window", nargs=2, type=float, default=(0.3, 1.0), show_default=True,
               help="Optimize only controls with t in [T_START, T_END].")
+@click.option("--preserve", "preserve", multiple=True, metavar="ATTR",
+              help="Registry attribute the edit should leave alone (repeatable; default with --attr: its "
+                   "registry 'preserve' list). Used when --preserve-weight > 0.")
+@click.option("--preserve-weight", type=float, default=0.0, show_default=True,
+              help="Weight of the term holding the preserved attributes' CLIP scores (0: off).")
 @click.option("--aggregator", type=click.Choice(["mean", "pc1", "pca", "probe", "robust"]), default="mean",
               show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -54,7 +59,8 @@ def _slug(text: str) -> str:
 @click.option("-v", "--verbose", is_flag=True)
 @friendly_errors
 def discover_directions(attr, prompt, negative, name, model, model_config, bf16, clip, images, n_images, batch_size,
-                        n_steps, iterations, lr, optimizer, threshold, alpha, replicas, t_window, aggregator,
+                        n_steps, iterations, lr, optimizer, threshold, alpha, replicas, t_window, preserve,
+                        preserve_weight, aggregator,
                         seed, device, store_path, keep_offsets, resume, verbose) -> None:
     """Discover a global semantic direction with FlowGrad and store it in an HDF5 file.
 
@@ -65,7 +71,7 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
     from directions import distributed as dist
     from directions.discover import DiscoveryConfig, discover
     from flowgrad import FlowGradConfig
-    from flowgrad.demo.registry import get_attribute
+    from flowgrad.demo.registry import get_attribute, load_registry, preserve_pairs
     from flowgrad.models import load_guidance_clip, load_model
 
     from .images import load_image
@@ -77,11 +83,19 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
         prompt, negative = a.prompt, a.negative_prompt if negative is None else negative
         name = name or a.name
     name = name or _slug(prompt)
+    if preserve_weight < 0:
+        raise CliError(f"--preserve-weight must be >= 0, got {preserve_weight}")
+    keep_names = list(preserve) or (list(a.preserve) if attr else [])
+    keep = preserve_pairs(keep_names, load_registry()) if preserve_weight > 0 else ()
+    if preserve_weight > 0 and not keep:
+        raise CliError("--preserve-weight needs attributes to preserve: pass --preserve ATTR")
     fg = FlowGradConfig(n_steps=n_steps, iterations=iterations, lr=lr, optimizer=optimizer,
                         threshold=threshold if threshold > 0 else None, t_window=tuple(t_window))
     cfg = DiscoveryConfig(name=name, prompt=prompt, negative_prompt=negative or "", model=model, clip=clip,
-                          images=str(Path(images).resolve()) if images else None, n_images=n_images, batch_size=batch_size, seed=seed, flowgrad=fg,
-                          alpha=alpha, replicas=replicas, aggregator=aggregator, keep_offsets=keep_offsets)
+                          images=str(Path(images).resolve()) if images else None, n_images=n_images,
+                          batch_size=batch_size, seed=seed, flowgrad=fg,
+                          alpha=alpha, replicas=replicas, preserve=keep, preserve_weight=preserve_weight,
+                          aggregator=aggregator, keep_offsets=keep_offsets)
     with dist.process_group(pick_device(device).type) as dev:
         rank, world = dist.rank_and_world()
         t0 = time.perf_counter()

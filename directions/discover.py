@@ -53,6 +53,9 @@ class DiscoveryConfig:
         alpha: weight of the CLIP term (1 - alpha weighs the L1 term to the unedited image).
         replicas: augmented copies per image in the CLIP loss.
         directional: use ``cos(prompt) - cos(negative)`` as the CLIP term when a negative is given.
+        preserve: (prompt, negative_prompt) pairs of attributes the edit should leave alone; their CLIP
+            scores are held near the unedited image's (see :class:`~flowgrad.clip_guidance.ClipLoss`).
+        preserve_weight: weight of that term (0: off).
         aggregator: how per-image controls become one direction.
         invert_method: inversion solver for real images.
         keep_offsets: also store the raw per-image controls.
@@ -73,6 +76,8 @@ class DiscoveryConfig:
     alpha: float = 0.7
     replicas: int = 4
     directional: bool = True
+    preserve: tuple[tuple[str, str], ...] = ()
+    preserve_weight: float = 0.0
     aggregator: Method = "mean"
     invert_method: str = "euler"
     keep_offsets: bool = False
@@ -86,6 +91,9 @@ class DiscoveryConfig:
                 raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not self.preserve_weight >= 0.0:
+            raise ValueError(f"preserve_weight must be >= 0, got {self.preserve_weight}")
+        object.__setattr__(self, "preserve", tuple((str(p), str(n)) for p, n in self.preserve))
 
     def settings(self) -> dict:
         d = asdict(self)
@@ -197,8 +205,9 @@ def _optimize_images(cfg: DiscoveryConfig, velocity, clip, b: int, idx: list[int
     negative = cfg.negative_prompt if (cfg.directional and cfg.negative_prompt) else None
     # A sub-batch after an out-of-memory draws its own augmentations (seeded by its first image).
     seed = cfg.seed * 1_000_003 + b + (0 if idx[0] == cfg.batch_indices(b)[0] else 7_919 * (idx[0] + 1))
+    preserve = cfg.preserve if cfg.preserve_weight > 0 else ()
     loss = ClipLoss(clip, cfg.prompt, negative_prompt=negative, source=source, alpha=cfg.alpha,
-                    replicas=cfg.replicas, seed=seed)
+                    replicas=cfg.replicas, seed=seed, preserve=preserve, preserve_weight=cfg.preserve_weight)
     result = optimize(velocity, z0, lambda x: loss(velocity.to_image(x)), config=cfg.flowgrad,
                       callback=lambda info: report(info.iteration, float(np.nanmean(info.losses.numpy()))))
     with torch.no_grad():

@@ -9,10 +9,15 @@ DiffAugment-style augmented (:mod:`flowgrad.augment`), resized to the CLIP input
 with the model's mean/std and scored against the prompt; an optional L1 term keeps the image
 close to a source image::
 
-    loss_b = alpha * clip_b + (1 - alpha) * l1_b
+    loss_b = alpha * clip_b + (1 - alpha) * l1_b + beta * keep_b
     clip_b = mean_r [ -cos(E(aug_r(x_b)), e_text) ]                          (no negative prompt)
     clip_b = mean_r [ -(cos(E(aug_r(x_b)), e_text) - cos(E(aug_r(x_b)), e_neg)) ]  (directional)
     l1_b   = mean_{c,h,w} |x_b - source_b|                                   (0 without a source)
+    keep_b = mean_k | mean_r [ s_k(aug_r(x_b)) - s_k(aug_r(source_b)) ] |   (without preserved prompts: none)
+
+where ``s_k`` is the (directional) score of the k-th *preserved* prompt pair: attributes the edit
+should leave alone (e.g. hair colour while ageing), compared with the source under the same
+augmentations.
 
 Images outside the engine are float tensors in [0, 1] of shape (B, 3, H, W), any H and W.
 """
@@ -458,18 +463,21 @@ class ClipLossTerms:
     """The parts of one :class:`ClipLoss` evaluation, each (B,).
 
     Attributes:
-        loss: ``alpha * clip + (1 - alpha) * l1``.
+        loss: ``alpha * clip + (1 - alpha) * l1 + preserve_weight * keep``.
         clip: mean over replicas of ``-cos`` (or the directional difference).
         l1: mean absolute difference to the source image (zeros without a source).
+        keep: mean absolute change of the preserved prompts' scores (None without any).
     """
 
     loss: Tensor
     clip: Tensor
     l1: Tensor
+    keep: Tensor | None = None
 
     def detach(self) -> ClipLossTerms:
         """The same terms without autograd history."""
-        return ClipLossTerms(self.loss.detach(), self.clip.detach(), self.l1.detach())
+        return ClipLossTerms(self.loss.detach(), self.clip.detach(), self.l1.detach(),
+                             None if self.keep is None else self.keep.detach())
 
 
 class ClipLoss:
@@ -481,7 +489,11 @@ class ClipLoss:
     * without a negative prompt: ``clip_b = mean_r -cos(E(a_{b,r}), e_prompt)``;
     * with one (directional): ``clip_b = mean_r -(cos(E(a_{b,r}), e_prompt) -
       cos(E(a_{b,r}), e_negative))``;
-    * ``l1_b = mean |x_b - source_b|`` over (C, H, W), or 0 without a source.
+    * ``l1_b = mean |x_b - source_b|`` over (C, H, W), or 0 without a source;
+    * ``keep_b = mean_k |mean_r (s_k(a_{b,r}) - s_k(a'_{b,r}))|`` over the ``preserve`` prompt pairs,
+      where ``a'_{b,r}`` is the source under the same augmentation as ``a_{b,r}`` and
+      ``s_k(a) = cos(E(a), e_k) - cos(E(a), e_k^neg)`` (just ``cos(E(a), e_k)`` for a pair without a
+      negative). It keeps what CLIP sees of other attributes where it was (needs a source).
 
     Augmentation parameters are drawn per image per replica from the loss's own CPU generator
     (seeded once with ``seed``), so a sequence of calls is reproducible and image ``b``'s loss
@@ -495,8 +507,8 @@ class ClipLoss:
 
     def __init__(self, clip: ClipModel, prompt: str, *, negative_prompt: str | None = None,
                  source: Tensor | None = None, alpha: float = 0.7, replicas: int = 20,
-                 policy: Policy = POLICY_OPS, seed: int = 0,
-                 max_batch: int | None = None) -> None:
+                 policy: Policy = POLICY_OPS, seed: int = 0, max_batch: int | None = None,
+                 preserve: Sequence[tuple[str, str]] = (), preserve_weight: float = 0.0) -> None:
         if not isinstance(clip, ClipModel):
             raise TypeError(f"clip must be a ClipModel (from load_clip/random_clip), got "
                             f"{type(clip).__name__}")
@@ -514,6 +526,12 @@ class ClipLoss:
             raise ValueError(f"max_batch must be None or an int >= 1, got {max_batch!r}")
         if source is not None:
             _check_images(source, "source", clip.device)
+        pairs = _preserve_pairs(preserve)
+        if isinstance(preserve_weight, bool) or not isinstance(preserve_weight, (int, float)) \
+                or not preserve_weight >= 0:
+            raise ValueError(f"preserve_weight must be a float >= 0, got {preserve_weight!r}")
+        if pairs and source is None:
+            raise ValueError("preserved prompts are compared with the source image; pass source=")
         self.clip = clip
         self.prompt = prompt
         self.negative_prompt = negative_prompt
@@ -528,6 +546,16 @@ class ClipLoss:
         embeddings = clip.encode_text(texts)
         self.text_embedding: Tensor = embeddings[0]
         self.negative_embedding: Tensor | None = embeddings[1] if negative_prompt else None
+        self.preserve = pairs
+        self.preserve_weight = float(preserve_weight)
+        # (D, K): column k scores pair k (prompt minus negative; a missing negative adds nothing).
+        self.preserve_matrix: Tensor | None = None
+        if pairs:
+            cols = []
+            for text, neg in pairs:
+                e = clip.encode_text([text, neg] if neg else [text])
+                cols.append(e[0] - e[1] if neg else e[0])
+            self.preserve_matrix = torch.stack(cols, dim=1)
         self.last_terms: ClipLossTerms | None = None
 
     def sample_params(self, batch_size: int) -> AugmentParams:
@@ -561,7 +589,25 @@ class ClipLoss:
         clip_term = -score.view(b, self.replicas).mean(dim=1)
         l1_term = self._l1(images)
         loss = self.alpha * clip_term + (1.0 - self.alpha) * l1_term
-        return ClipLossTerms(loss=loss, clip=clip_term, l1=l1_term)
+        keep = None
+        if self.preserve_matrix is not None:
+            keep = self._keep(emb, params, b)
+            if self.preserve_weight > 0:
+                loss = loss + self.preserve_weight * keep
+        return ClipLossTerms(loss=loss, clip=clip_term, l1=l1_term, keep=keep)
+
+    def _keep(self, emb: Tensor, params: AugmentParams, b: int) -> Tensor:
+        """(B,) mean |change| of the preserved scores vs the source under the same augmentations."""
+        assert self.source is not None and self.preserve_matrix is not None
+        if self.source.shape[0] != b:
+            raise ValueError(f"source has {self.source.shape[0]} images but images have {b}; pass a "
+                             "source of the same batch and size")
+        with torch.no_grad():
+            ref = self.clip.encode_image(apply_augment(self.source.repeat_interleave(self.replicas, dim=0),
+                                                       params), max_batch=self.max_batch)
+            ref_scores = (ref @ self.preserve_matrix).view(b, self.replicas, -1).mean(dim=1)
+        scores = (emb @ self.preserve_matrix).view(b, self.replicas, -1).mean(dim=1)
+        return (scores - ref_scores).abs().mean(dim=1)
 
     def __call__(self, images: Tensor, params: AugmentParams | None = None) -> Tensor:
         """Per-image loss (B,) for ``images`` (B, 3, H, W) in [0, 1]; see :meth:`terms`."""
@@ -576,6 +622,20 @@ class ClipLoss:
             raise ValueError(f"source has shape {tuple(self.source.shape)} but images have "
                              f"{tuple(images.shape)}; pass a source of the same batch and size")
         return (images - self.source).abs().mean(dim=(1, 2, 3))
+
+
+def _preserve_pairs(preserve: object) -> tuple[tuple[str, str], ...]:
+    """Validate ``preserve``: a sequence of (prompt, negative_prompt) pairs ("" for no negative)."""
+    if isinstance(preserve, (str, bytes)) or not isinstance(preserve, Sequence):
+        raise ValueError(f"preserve must be a sequence of (prompt, negative_prompt) pairs, got {preserve!r}")
+    pairs = []
+    for pair in preserve:
+        if (isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2
+                or not all(isinstance(t, str) for t in pair) or not pair[0].strip()):
+            raise ValueError(f"each preserved entry must be a (prompt, negative_prompt) pair of str with a "
+                             f"non-empty prompt, got {pair!r}")
+        pairs.append((pair[0], pair[1]))
+    return tuple(pairs)
 
 
 def clip_score(clip: ClipModel, images_0_1: Tensor, prompt: str) -> Tensor:

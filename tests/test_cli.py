@@ -541,3 +541,38 @@ def test_bf16_with_the_demo_flow_is_a_one_line_error(tmp_path):
                     "--out", str(tmp_path / "d.h5"))
     assert_cli_error(result, "bf16 autocast is for NCSN++ models")
     assert not (tmp_path / "d.h5").exists()
+
+
+def test_discover_with_preserve_records_the_pairs_and_changes_the_direction(base_store, tmp_path):
+    store = tmp_path / "kept.h5"
+    result = invoke("discover-directions", "--attr", "old", *TINY_DISCOVERY, "--preserve-weight", "2",
+                    "--out", store)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    kept = DirectionStore(store).read("old")
+    plain = DirectionStore(base_store).read("old")
+    pairs = kept.settings["preserve"]
+    assert kept.settings["preserve_weight"] == 2.0 and plain.settings["preserve"] == []
+    # the registry's list for "old", each distinction once (dark_hair would repeat blond reversed)
+    assert ["a photo of a person with red hair", "a photo of a person with black hair"] in pairs
+    assert all(p != "a photo of an old person" for p, _ in pairs) and len(pairs) == 7
+    assert not np.allclose(kept.vector, plain.vector)
+    explicit = tmp_path / "explicit.h5"
+    result = invoke("discover-directions", "--attr", "old", *TINY_DISCOVERY, "--preserve-weight", "1",
+                    "--preserve", "smiling", "--out", explicit)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert DirectionStore(explicit).read("old").settings["preserve"] == [
+        ["a photo of a smiling person", "a photo of a serious person"]]
+
+
+def test_discover_preserve_errors_are_one_line(tmp_path):
+    store = tmp_path / "d.h5"
+    result = invoke("discover-directions", "--attr", "old", *TINY_DISCOVERY, "--preserve-weight", "1",
+                    "--preserve", "nosuch", "--out", store)
+    assert_cli_error(result, "unknown attribute 'nosuch'")
+    result = invoke("discover-directions", "--prompt", "a red face", *TINY_DISCOVERY, "--preserve-weight", "1",
+                    "--out", store)
+    assert_cli_error(result, "--preserve ATTR")
+    result = invoke("discover-directions", "--attr", "old", *TINY_DISCOVERY, "--preserve-weight", "-1",
+                    "--out", store)
+    assert_cli_error(result, "--preserve-weight")
+    assert not store.exists()

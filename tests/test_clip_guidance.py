@@ -196,6 +196,67 @@ def test_alpha_mixes_clip_and_l1_terms(clip):
     assert not no_source.last_terms.l1.any()
 
 
+KEEP = [("a photo of a person with red hair", "a photo of a person with black hair"), ("a photo of glasses", "")]
+
+
+def test_preserve_term_is_zero_at_the_source_and_matches_the_formula(clip):
+    x, source = images(), images(seed=9)
+    loss = ClipLoss(clip, PROMPT, source=source, alpha=0.7, replicas=2, seed=3, preserve=KEEP,
+                    preserve_weight=2.0)
+    plain = ClipLoss(clip, PROMPT, source=source, alpha=0.7, replicas=2, seed=3)
+    params = loss.sample_params(3)
+    at_source = loss.terms(source, params)
+    assert torch.equal(at_source.keep, torch.zeros(3))
+    terms = loss.terms(x, params)
+    # by hand, with the same augmentations for the image and its source
+    e = clip.encode_text([KEEP[0][0], KEEP[0][1], KEEP[1][0]])
+    m = torch.stack([e[0] - e[1], e[2]], dim=1)
+
+    def s(imgs):
+        emb = clip.encode_image(apply_augment(imgs.repeat_interleave(2, dim=0), params))
+        return (emb @ m).view(3, 2, 2).mean(dim=1)
+    expected = (s(x) - s(source)).abs().mean(dim=1)
+    torch.testing.assert_close(terms.keep, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(terms.loss, plain.terms(x, params).loss + 2.0 * expected, rtol=0, atol=1e-6)
+    assert plain.terms(x, params).keep is None
+    xr = x.clone().requires_grad_(True)
+    loss.terms(xr, params).keep.sum().backward()
+    assert torch.isfinite(xr.grad).all() and xr.grad.abs().sum() > 0
+
+
+def test_preserve_keeps_the_preserved_score_during_optimization(clip):
+    """Gradient descent on the image: with the preserve term the preserved score moves less."""
+    source = images(b=2, seed=5)
+
+    def run(weight):
+        loss = ClipLoss(clip, PROMPT, source=source, alpha=1.0, replicas=1, policy=(), preserve=KEEP[:1],
+                        preserve_weight=weight)
+        x = source.clone().requires_grad_(True)
+        opt = torch.optim.SGD([x], lr=0.5)
+        for _ in range(20):
+            opt.zero_grad()
+            loss(x).sum().backward()
+            opt.step()
+        with torch.no_grad():
+            t = loss.terms(x.detach())
+        return float(t.clip.mean()), float(t.keep.mean())
+    (clip_free, keep_free), (clip_kept, keep_kept) = run(0.0), run(5.0)
+    assert keep_free > 0 and keep_kept < 0.5 * keep_free
+    assert clip_kept < -float(clip_score(clip, source, PROMPT).mean())  # the edit still happened
+
+
+def test_preserve_arguments_are_validated(clip):
+    src = images()
+    with pytest.raises(ValueError, match="source"):
+        ClipLoss(clip, PROMPT, preserve=KEEP, preserve_weight=1.0)
+    with pytest.raises(ValueError, match="pair"):
+        ClipLoss(clip, PROMPT, source=src, preserve=["red hair"], preserve_weight=1.0)
+    with pytest.raises(ValueError, match="sequence"):
+        ClipLoss(clip, PROMPT, source=src, preserve="red hair", preserve_weight=1.0)
+    with pytest.raises(ValueError, match="preserve_weight"):
+        ClipLoss(clip, PROMPT, source=src, preserve=KEEP, preserve_weight=-1.0)
+
+
 def test_calls_are_reproducible_from_the_seed_and_draw_fresh_params(clip):
     x = images()
     a, b = ClipLoss(clip, PROMPT, replicas=2, seed=11), ClipLoss(clip, PROMPT, replicas=2, seed=11)

@@ -10,7 +10,7 @@ import pytest
 
 from flowgrad.demo.captions import caption
 from flowgrad.demo.registry import (
-    DATA_ENV, Attribute, data_dir, get_attribute, load_registry, registry_path,
+    DATA_ENV, Attribute, data_dir, get_attribute, load_registry, preserve_pairs, registry_path,
 )
 from flowgrad.demo.render import FACTOR_NAMES, sample_factors
 
@@ -95,3 +95,28 @@ def test_prompts_use_caption_words() -> None:
             key = re.sub(r"^a photo of an? ", "", prompt).replace("person", "").strip()
             pattern = rf"(?<![\w-]){re.escape(key)}(?![\w-])"
             assert any(re.search(pattern, t) for t in texts), f"{attr.name}: {key!r} never captioned"
+
+
+def test_preserve_lists_name_known_attributes_and_pairs_are_deduplicated():
+    registry = load_registry()
+    for attr in registry.values():
+        assert attr.name not in attr.preserve
+        assert all(p in registry for p in attr.preserve)
+    pairs = preserve_pairs(["blond", "dark_hair", "red_hair"], registry)
+    assert pairs == (("a photo of a person with blond hair", "a photo of a person with dark hair"),
+                     ("a photo of a person with red hair", "a photo of a person with black hair"))
+    with pytest.raises(ValueError, match="unknown attribute 'x'"):
+        preserve_pairs(["x"], registry)
+
+
+def test_bad_preserve_entries_are_refused(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[a]\nprompt = "p"\npreserve = ["b"]\n')
+    with pytest.raises(ValueError, match="unknown attribute"):
+        load_registry(path)
+    path.write_text('[a]\nprompt = "p"\npreserve = ["a"]\n')
+    with pytest.raises(ValueError, match="itself"):
+        load_registry(path)
+    path.write_text('[a]\nprompt = "p"\npreserve = "b"\n')
+    with pytest.raises(ValueError, match="list of attribute names"):
+        load_registry(path)

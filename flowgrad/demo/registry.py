@@ -7,6 +7,7 @@ The registry is a TOML file (``data/attributes.toml``) with one table per attrib
     negative_prompt = "a photo of a young person"
     factor = "age"        # optional: a name in flowgrad.demo.render.FACTOR_NAMES
     direction = 1         # +1: the factor should rise under the edit, -1: fall
+    preserve = ["smiling", "glasses"]   # optional: attributes the edit should leave alone
 
 The data directory is the repository's ``data/`` unless the environment variable
 ``FLOWGRAD_DATA`` names another directory.
@@ -16,18 +17,19 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .render import FACTOR_NAMES
 
-__all__ = ["Attribute", "DATA_ENV", "data_dir", "get_attribute", "load_registry", "registry_path"]
+__all__ = ["Attribute", "DATA_ENV", "data_dir", "get_attribute", "load_registry", "preserve_pairs", "registry_path"]
 
 DATA_ENV = "FLOWGRAD_DATA"
 """Environment variable that overrides the data directory."""
 
 _FILE = "attributes.toml"
-_KEYS = {"prompt", "negative_prompt", "factor", "direction"}
+_KEYS = {"prompt", "negative_prompt", "factor", "direction", "preserve"}
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class Attribute:
         negative_prompt: text the edit moves away from ("" for none).
         factor: demo-world factor measuring the attribute, or None.
         direction: +1 if ``factor`` should rise under the edit, -1 if it should fall.
+        preserve: names of registry attributes the edit should leave alone (their prompts join the
+            guidance loss as a preservation term, see :func:`preserve_pairs`).
     """
 
     name: str
@@ -47,6 +51,7 @@ class Attribute:
     negative_prompt: str
     factor: str | None
     direction: int
+    preserve: tuple[str, ...] = ()
 
 
 def data_dir() -> Path:
@@ -86,8 +91,14 @@ def _attribute(name: str, entry: object, where: Path) -> Attribute:
     direction = entry.get("direction", 1)
     if isinstance(direction, bool) or direction not in (1, -1):
         raise ValueError(f"{where}: attribute {name!r}: 'direction' must be 1 or -1, got {direction!r}")
+    preserve = entry.get("preserve", [])
+    if not isinstance(preserve, list) or not all(isinstance(p, str) for p in preserve):
+        raise ValueError(f"{where}: attribute {name!r}: 'preserve' must be a list of attribute names, "
+                         f"got {preserve!r}")
+    if name in preserve:
+        raise ValueError(f"{where}: attribute {name!r} cannot preserve itself")
     return Attribute(name=name, prompt=prompt, negative_prompt=negative, factor=factor,
-                     direction=int(direction))
+                     direction=int(direction), preserve=tuple(preserve))
 
 
 def load_registry(path: str | os.PathLike[str] | None = None) -> dict[str, Attribute]:
@@ -114,7 +125,33 @@ def load_registry(path: str | os.PathLike[str] | None = None) -> dict[str, Attri
         raise ValueError(f"{where}: not valid TOML ({err})") from err
     if not table:
         raise ValueError(f"{where}: the registry defines no attributes")
-    return {name: _attribute(name, entry, where) for name, entry in table.items()}
+    registry = {name: _attribute(name, entry, where) for name, entry in table.items()}
+    for attr in registry.values():
+        unknown = [p for p in attr.preserve if p not in registry]
+        if unknown:
+            raise ValueError(f"{where}: attribute {attr.name!r} preserves unknown attribute(s) {unknown}; "
+                             f"known attributes: {', '.join(registry)}")
+    return registry
+
+
+def preserve_pairs(names: Sequence[str], registry: Mapping[str, Attribute]) -> tuple[tuple[str, str], ...]:
+    """(prompt, negative_prompt) pairs of the named attributes, for the guidance loss's preservation term.
+
+    An attribute whose pair is another listed pair reversed (``dark_hair`` after ``blond``) adds nothing
+    new and is skipped, so each distinction is weighed once.
+
+    Raises:
+        ValueError: for a name not in ``registry``.
+    """
+    pairs: list[tuple[str, str]] = []
+    for name in names:
+        if name not in registry:
+            raise ValueError(f"unknown attribute {name!r} to preserve; known attributes: {', '.join(registry)}")
+        a = registry[name]
+        pair = (a.prompt, a.negative_prompt)
+        if pair not in pairs and (a.negative_prompt, a.prompt) not in pairs:
+            pairs.append(pair)
+    return tuple(pairs)
 
 
 def get_attribute(name: str, path: str | os.PathLike[str] | None = None) -> Attribute:

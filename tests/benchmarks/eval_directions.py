@@ -27,7 +27,7 @@ from directions.store import DirectionStore  # noqa: E402
 from flowgrad import FlowGradConfig, optimize  # noqa: E402
 from flowgrad.clip_guidance import ClipLoss, clip_score  # noqa: E402
 from flowgrad.demo import world  # noqa: E402
-from flowgrad.demo.registry import load_registry  # noqa: E402
+from flowgrad.demo.registry import load_registry, preserve_pairs  # noqa: E402
 from flowgrad.models import load_guidance_clip, load_model  # noqa: E402
 
 EVAL_SEED = 777  # apply-time samples: disjoint from discovery's seed-0 latents
@@ -67,6 +67,10 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=0.7)
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--aggregator", default="mean")
+    p.add_argument("--preserve-weight", type=float, default=0.0,
+                   help="Weight of the preservation term (the registry's 'preserve' attributes); 0: off.")
+    p.add_argument("--preserve", nargs="*", default=None,
+                   help="Attributes to preserve instead of each attribute's registry list.")
     p.add_argument("--t-window", nargs=2, type=float, default=(0.3, 1.0))
     p.add_argument("--strengths", nargs="+", type=float, default=[1.0])
     p.add_argument("--eval-images", type=int, default=64)
@@ -90,13 +94,18 @@ def main() -> None:
     report = {"card": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "settings": vars(args),
               "attributes": {}}
 
+    def keep_pairs(attr):
+        names = attr.preserve if args.preserve is None else [n for n in args.preserve if n != attr.name]
+        return preserve_pairs(names, registry)
+
     def get_direction(name: str):
         attr = registry[name]
         if args.store is not None:
             return store.read(name)
         cfg = DiscoveryConfig(name=name, prompt=attr.prompt, negative_prompt=attr.negative_prompt,
                               n_images=args.n_images, batch_size=args.batch_size, flowgrad=fg, alpha=args.alpha,
-                              replicas=args.replicas, aggregator=args.aggregator)
+                              replicas=args.replicas, aggregator=args.aggregator,
+                              preserve=keep_pairs(attr), preserve_weight=args.preserve_weight)
         return discover(cfg, velocity, clip, store.path, device=dev)
 
     fg = FlowGradConfig(n_steps=args.steps, iterations=args.iterations, lr=args.lr, t_window=tuple(args.t_window))
@@ -127,8 +136,10 @@ def main() -> None:
                 _, _, rstats = judged_change(velocity, z0, noise, args.steps, attr, before, jb)
                 entry.setdefault("random_control", {})[str(s)] = rstats
         if args.per_image:
+            keep = keep_pairs(attr) if args.preserve_weight > 0 else ()
             loss = ClipLoss(clip, attr.prompt, negative_prompt=attr.negative_prompt, source=before,
-                            alpha=args.alpha, replicas=args.replicas, seed=1)
+                            alpha=args.alpha, replicas=args.replicas, seed=1, preserve=keep,
+                            preserve_weight=args.preserve_weight)
             t0 = time.perf_counter()
             res = optimize(velocity, z0, lambda x: loss(velocity.to_image(x)), config=fg)
             per_image_s = (time.perf_counter() - t0) / args.eval_images
