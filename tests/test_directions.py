@@ -380,7 +380,7 @@ def demo_models():
 def tiny_config(**changes) -> DiscoveryConfig:
     base = DiscoveryConfig(name="old", prompt="a photo of an old person",
                            negative_prompt="a photo of a young person", n_images=4, batch_size=2, replicas=1,
-                           flowgrad=FlowGradConfig(n_steps=4, iterations=1, lr=1.0), keep_offsets=True)
+                           flowgrad=FlowGradConfig(n_steps=4, iterations=1, lr=0.2), keep_offsets=True)
     return replace(base, **changes)
 
 
