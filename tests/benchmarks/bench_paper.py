@@ -87,12 +87,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def parse_variant(spec: str) -> dict[str, Any]:
-    """``b16-bf16-cl`` -> {"name", "batch": 16, "precision": "bf16", "channels_last": True}."""
+    """``b16-bf16-cl`` -> {"name", "batch": 16, "precision": "bf16", "channels_last": True, "compiled": False};
+    a ``-compile`` suffix runs the velocity's forward through ``torch.compile``."""
     parts = spec.strip().split("-")
+    compiled = parts[-1] == "compile"
+    if compiled:
+        parts = parts[:-1]
     if len(parts) not in (2, 3) or not parts[0].startswith("b") or not parts[0][1:].isdigit() \
             or parts[1] not in PRECISIONS or (len(parts) == 3 and parts[2] != "cl"):
-        raise SystemExit(f"--variants: cannot parse {spec!r}; expected bB-{{fp32,tf32,bf16}}[-cl], e.g. b16-bf16-cl")
-    return {"name": spec.strip(), "batch": int(parts[0][1:]), "precision": parts[1], "channels_last": len(parts) == 3}
+        raise SystemExit(f"--variants: cannot parse {spec!r}; expected bB-{{fp32,tf32,bf16}}[-cl][-compile], "
+                         "e.g. b16-bf16-cl")
+    return {"name": spec.strip(), "batch": int(parts[0][1:]), "precision": parts[1], "channels_last": len(parts) == 3,
+            "compiled": compiled}
 
 
 def model_config(quick: bool) -> Any:
@@ -112,14 +118,18 @@ class Models:
         self.net = base.net
         self.channels_last = False
 
-    def velocity(self, precision: str, channels_last: bool) -> RectifiedFlowVelocity:
-        """Set TF32 for ``precision``, convert the weights' memory format, wrap with autocast if bf16."""
+    def velocity(self, precision: str, channels_last: bool, compiled: bool = False) -> RectifiedFlowVelocity:
+        """Set TF32 for ``precision``, convert the weights' memory format, wrap with autocast if bf16;
+        ``compiled``: the wrapper's forward goes through ``torch.compile`` (compiled on first use)."""
         C.set_tf32(precision != "fp32")
         if channels_last != self.channels_last:
             self.net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             self.channels_last = channels_last
-        return RectifiedFlowVelocity(self.net, name=self.base.name, channels_last=channels_last,
-                                     autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
+        velocity = RectifiedFlowVelocity(self.net, name=self.base.name, channels_last=channels_last,
+                                         autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
+        if compiled:
+            velocity.forward = torch.compile(velocity.forward)  # type: ignore[method-assign]
+        return velocity
 
 
 class CostModel:
@@ -272,10 +282,12 @@ def bench_variant(models: Models, clip, spec: dict[str, Any], args, device, budg
     row: dict[str, Any] = dict(spec)
     fwd, vjp = cost.predict(precision, cl, b)
     estimate = (2 * n * fwd + sum(segs) * vjp) * args.timed_iterations + 3 * (fwd + vjp) + 1.0
+    if spec.get("compiled"):
+        estimate += 120.0  # compiling forward (with and without grad) and backward inside the warm-up
     if not budget.allows(estimate, f"variant {spec['name']}"):
         row["status"] = "skipped (budget)"
         return row
-    velocity = models.velocity(precision, cl)
+    velocity = models.velocity(precision, cl, compiled=spec.get("compiled", False))
     clip_loss = make_clip_loss(clip, velocity, sources[:b], args)
     loss_fn = lambda x: clip_loss(velocity.to_image(x))  # noqa: E731
     x1 = velocity.from_image(sources[:b])
@@ -321,7 +333,8 @@ def bench_variant(models: Models, clip, spec: dict[str, Any], args, device, budg
     it = args.timed_iterations
     per = {k: v / it for k, v in timer.totals.items() if k != "inversion"}
     t_vjp = per["backward"] / k_head
-    cost.add(precision, cl, b, per["forward"] / n, t_vjp)
+    if not spec.get("compiled"):
+        cost.add(precision, cl, b, per["forward"] / n, t_vjp)
     backward = {str(k_head): per["backward"], **{str(k): v / it for k, v in other.items()}}
     backward["natural (derived)"] = natural / it * t_vjp
     base_iter = per["forward"] + per["loss"] + per["segment"] + per["step"]
