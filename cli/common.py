@@ -111,11 +111,20 @@ bf16_option = click.option(
          "gradients within cosine 0.9999 of float32).")
 
 
-def model_kwargs(bf16: bool) -> dict:
-    """Loader keyword arguments for the --bf16 flag."""
+compile_option = click.option(
+    "--compile", "compile_model", is_flag=True,
+    help="Run the NCSN++ network through torch.compile (GPU: about 1.6x faster edits at 256x256 on an H100; "
+         "the first batch of each size compiles for about a minute).")
+
+
+def model_kwargs(bf16: bool, compile_model: bool = False) -> dict:
+    """Loader keyword arguments for the --bf16 and --compile flags."""
     import torch
 
-    return {"autocast_dtype": torch.bfloat16} if bf16 else {}
+    kwargs: dict = {"autocast_dtype": torch.bfloat16} if bf16 else {}
+    if compile_model:
+        kwargs["compile_backend"] = "inductor"
+    return kwargs
 
 
 def precision_name(velocity) -> str:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from .common import (CliError, bf16_option, console, friendly_errors, model_kwargs, pick_device, precision_name,
-                     progress_bar, setup_logging)
+from .common import (CliError, bf16_option, compile_option, console, friendly_errors, model_kwargs, pick_device,
+                     precision_name, progress_bar, setup_logging)
 
 DEFAULT_STORE = Path("directions.h5")
 
@@ -27,6 +27,7 @@ def _slug(text: str) -> str:
 @click.option("--model", default="demo", show_default=True, help="'demo' or 'ncsnpp:CHECKPOINT'.")
 @click.option("--model-config", default=None, help="NCSN++ preset name or JSON config.")
 @bf16_option
+@compile_option
 @click.option("--clip", default="demo", show_default=True,
               help="'demo', NAME:FILE, CONFIG_JSON:FILE, a model folder or hf-hub:ORG/REPO (local cache).")
 @click.option("--images", "images", type=click.Path(file_okay=False, exists=True), default=None,
@@ -58,7 +59,8 @@ def _slug(text: str) -> str:
 @click.option("--resume", is_flag=True, help="Continue an interrupted job with the same settings.")
 @click.option("-v", "--verbose", is_flag=True)
 @friendly_errors
-def discover_directions(attr, prompt, negative, name, model, model_config, bf16, clip, images, n_images, batch_size,
+def discover_directions(attr, prompt, negative, name, model, model_config, bf16, compile_model, clip, images, n_images,
+                        batch_size,
                         n_steps, iterations, lr, optimizer, threshold, alpha, replicas, t_window, preserve,
                         preserve_weight, aggregator,
                         seed, device, store_path, keep_offsets, resume, verbose) -> None:
@@ -99,7 +101,7 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
     with dist.process_group(pick_device(device).type) as dev:
         rank, world = dist.rank_and_world()
         t0 = time.perf_counter()
-        velocity = load_model(model, model_config, device=dev, **model_kwargs(bf16))
+        velocity = load_model(model, model_config, device=dev, **model_kwargs(bf16, compile_model))
         cfg = dataclasses.replace(cfg, precision=precision_name(velocity))
         guidance = load_guidance_clip(clip, device=dev)
         with progress_bar(total=cfg.n_images, desc=f"discover {name}", unit="img", disable=rank != 0) as bar:

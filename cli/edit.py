@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from .common import (bf16_option, console, friendly_errors, model_kwargs, pick_device, precision_name, progress_bar,
-                     setup_logging)
+from .common import (bf16_option, compile_option, console, friendly_errors, model_kwargs, pick_device,
+                     precision_name, progress_bar, setup_logging)
 
 
 @click.command("edit")
@@ -20,6 +20,7 @@ from .common import (bf16_option, console, friendly_errors, model_kwargs, pick_d
 @click.option("--model", default="demo", show_default=True)
 @click.option("--model-config", default=None)
 @bf16_option
+@compile_option
 @click.option("--clip", default="demo", show_default=True)
 @click.option("--steps", "n_steps", type=int, default=100, show_default=True)
 @click.option("--iterations", type=int, default=10, show_default=True)
@@ -33,8 +34,8 @@ from .common import (bf16_option, console, friendly_errors, model_kwargs, pick_d
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("-v", "--verbose", is_flag=True)
 @friendly_errors
-def edit(image, prompt, negative, alpha, model, model_config, bf16, clip, n_steps, iterations, lr, threshold, replicas,
-         invert_method, seed, device, out_dir, verbose) -> None:
+def edit(image, prompt, negative, alpha, model, model_config, bf16, compile_model, clip, n_steps, iterations, lr,
+         threshold, replicas, invert_method, seed, device, out_dir, verbose) -> None:
     """Invert IMAGE, optimize it towards --prompt with FlowGrad, and write original/reconstruct/optimized PNGs
     plus metrics.json."""
     setup_logging(verbose)
@@ -49,7 +50,7 @@ def edit(image, prompt, negative, alpha, model, model_config, bf16, clip, n_step
     timings: dict[str, float] = {}
     t = time.perf_counter()
     dev = pick_device(device)
-    velocity = load_model(model, model_config, device=dev, **model_kwargs(bf16))
+    velocity = load_model(model, model_config, device=dev, **model_kwargs(bf16, compile_model))
     guidance = load_guidance_clip(clip, device=dev)
     timings["load"] = time.perf_counter() - t
     notices: list[str] = []
@@ -96,6 +97,7 @@ def edit(image, prompt, negative, alpha, model, model_config, bf16, clip, n_step
             "segments_per_iteration": result.segment_counts[:, 0].tolist(), "n_steps": n_steps,
             "iterations": iterations, "lr": cfg.lr, "threshold": cfg.threshold,
             "precision": precision_name(velocity),
+            "compile_backend": getattr(velocity, "compile_backend", None),
             "wall_time_s": {k: round(v, 3) for k, v in timings.items()},
         }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

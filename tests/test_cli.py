@@ -531,6 +531,7 @@ def test_edit_runs_an_ncsnpp_checkpoint_under_bf16(rendered, tmp_path):
     assert result.exit_code == 0, (result.stderr, result.exception)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["precision"] == "bf16-autocast" and metrics["model"].startswith("ncsnpp:")
+    assert metrics["compile_backend"] is None
     assert all(math.isfinite(metrics[k]) for k in ("clip_score_original", "clip_score_optimized",
                                                    "l1_optimized_vs_original"))
     assert {p.name for p in out.iterdir()} >= {"original.png", "reconstruct.png", "optimized.png", "metrics.json"}
@@ -576,3 +577,10 @@ def test_discover_preserve_errors_are_one_line(tmp_path):
                     "--out", store)
     assert_cli_error(result, "--preserve-weight")
     assert not store.exists()
+
+
+def test_compile_with_the_demo_flow_is_a_one_line_error(tmp_path):
+    result = invoke("discover-directions", "--attr", "old", "--compile", "--n-images", "2", "--device", "cpu",
+                    "--out", str(tmp_path / "d.h5"))
+    assert_cli_error(result, "torch.compile is for NCSN++ models")
+    assert not (tmp_path / "d.h5").exists()

@@ -23,7 +23,7 @@ def load_model(spec: str, config: str | None = None, *, device: str | torch.devi
         config: for ``ncsnpp:`` specs, a preset name or a JSON config file (default: the paper's
             ``rectified-flow-celebahq-256`` preset). Not used for ``demo``.
         device: where to put the model.
-        **kwargs: passed to the loader (e.g. ``autocast_dtype`` for NCSN++).
+        **kwargs: passed to the loader (e.g. ``autocast_dtype``, ``compile_backend`` for NCSN++).
 
     Returns:
         A frozen :class:`~flowgrad.velocity.VelocityField` with ``sample_shape``, ``to_image``,
@@ -36,6 +36,8 @@ def load_model(spec: str, config: str | None = None, *, device: str | torch.devi
             raise ValueError("the demo model takes no config")
         if kwargs.get("autocast_dtype") is not None:
             raise ValueError("bf16 autocast is for NCSN++ models; the demo flow runs in float32")
+        if kwargs.get("compile_backend") is not None:
+            raise ValueError("torch.compile is for NCSN++ models; the demo flow is small enough to run eagerly")
         from ..demo.world import load_demo_flow
 
         return load_demo_flow(device)
