@@ -47,10 +47,13 @@ def _card(world: int = 1) -> str:
 @click.option("--workers", type=int, default=0, show_default=True, help="Caption/tokenizer worker processes (clip).")
 @click.option("--pool", type=int, default=0, show_default=True,
               help="Pre-render this many images for the flow (0: render every batch).")
+@click.option("--t-sampling", type=click.Choice(["uniform", "late"]), default="uniform", show_default=True,
+              help="Flow: how t is drawn ('late': half the batch with density 2t, for fine detail).")
 @click.option("--init", "init_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="Continue training the flow from these weights (a flow.pt).")
 def train(part: str, out_dir: Path, steps: int | None, max_seconds: float | None, batch_size: int | None,
-          lr: float | None, seed: int, device: str, workers: int, pool: int, init_path: Path | None) -> None:
+          lr: float | None, seed: int, device: str, workers: int, pool: int, t_sampling: str,
+          init_path: Path | None) -> None:
     """Train the demo models from streamed renders and write fp16 weights + a manifest entry.
 
     The flow also trains data-parallel under torchrun (`torchrun --nproc-per-node K --no-python flowgrad
@@ -72,7 +75,8 @@ def train(part: str, out_dir: Path, steps: int | None, max_seconds: float | None
         for name in ["flow", "clip", "judge"] if part == "all" else [part]:
             d_steps, d_bs, d_lr = TRAIN_DEFAULTS[name]
             cfg = tr.TrainConfig(steps=steps or d_steps, batch_size=batch_size or d_bs, lr=lr or d_lr, seed=seed,
-                                 max_seconds=max_seconds, warmup=min(500, (steps or d_steps) // 10))
+                                 max_seconds=max_seconds, warmup=min(500, (steps or d_steps) // 10),
+                                 t_sampling=t_sampling if name == "flow" else "uniform")
             bar = progress_callback(total=cfg.steps, desc=f"train {name}") if rank == 0 else contextlib.nullcontext()
             with bar as cb:
                 res, config = _train_part(name, cfg, dev, out_dir, workers, pool, init_path, cb)
@@ -120,6 +124,8 @@ def _write_part(name: str, res: TrainResult, config: dict | None, cfg: TrainConf
                "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr), "--seed", str(cfg.seed)]
     if name == "flow" and pool:
         command += ["--pool", str(pool)]
+    if name == "flow" and cfg.t_sampling != "uniform":
+        command += ["--t-sampling", cfg.t_sampling]
     if init_sha is not None:
         command += ["--init", f"<flow.pt sha256 {init_sha}>"]
     entry.update(part=name, steps=res.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,

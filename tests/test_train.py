@@ -10,12 +10,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as tdist
 
 from cli_helpers import ROOT, assert_cli_error, digest, invoke, subprocess_env
 from flowgrad.demo.nets import DemoUNet, UNetConfig
-from flowgrad.demo.train import CALIBRATION, TrainConfig, train_flow
+from flowgrad.demo.train import CALIBRATION, TrainConfig, sample_t, train_flow
 
 TINY = UNetConfig(channels=(8, 8), time_dim=16, attention_heads=2, groups=4)
 """About 20k parameters: a training step takes milliseconds on one CPU thread."""
@@ -92,6 +93,22 @@ def test_train_flow_tiny_learns_and_is_reproducible():
     assert losses and all(math.isfinite(x) for x in losses)
     assert _equal(first.model.state_dict(), second.model.state_dict())
     assert not _equal(first.model.state_dict(), init)
+
+
+def test_t_sampling_late_weights_later_times():
+    gen = torch.Generator().manual_seed(0)
+    uniform = sample_t(200_000, "uniform", gen)
+    late = sample_t(200_000, "late", gen)
+    assert abs(float(uniform.mean()) - 0.5) < 0.005
+    assert abs(float(late[0::2].mean()) - 0.5) < 0.005        # even rows: U(0, 1)
+    assert abs(float(late[1::2].mean()) - 2 / 3) < 0.005      # odd rows: density 2t, mean 2/3
+    assert abs(float((late[1::2] < 0.5).float().mean()) - 0.25) < 0.005
+    with pytest.raises(ValueError, match="t_sampling"):
+        TrainConfig(t_sampling="early")
+    cfg = TrainConfig(steps=3, batch_size=4, warmup=1, seed=3)
+    plain = train_flow(cfg, TINY).model.state_dict()
+    later = train_flow(replace(cfg, t_sampling="late"), TINY).model.state_dict()
+    assert not _equal(plain, later)
 
 
 def test_train_flow_with_pool_is_reproducible():
