@@ -173,3 +173,20 @@ def test_cli_single_process_record_is_unchanged(tmp_path):
     record = json.loads((out / "train_flow.json").read_text())
     assert record["command"] == "flowgrad demo train --part flow --steps 2 --batch-size 2 --lr 0.0003 --seed 0"
     assert record["world_size"] == 1 and record["global_batch_size"] == 2 and "x " not in record["card"][:4]
+
+
+def test_train_clip_and_judge_take_real_steps():
+    """The other two trainers run end to end for a few steps (finite loss, weights move, reproducible)."""
+    from flowgrad.demo.train import train_clip, train_judge
+    from flowgrad.demo.world import CLIP_CONFIG
+
+    config = str(ROOT / "data" / "demo" / CLIP_CONFIG)
+    cfg = TrainConfig(steps=2, batch_size=4, warmup=1, seed=2)
+    losses: list[float] = []
+    clip = train_clip(cfg, config, callback=lambda step, m: losses.extend([m["loss"]] if "loss" in m else []))
+    again = train_clip(cfg, config)
+    assert clip.steps == 2 and losses and all(math.isfinite(x) for x in losses)
+    assert _equal(clip.model.state_dict(), again.model.state_dict())
+    judge = train_judge(cfg)
+    assert judge.steps == 2
+    assert all(torch.isfinite(p).all() for p in judge.model.parameters())

@@ -296,7 +296,7 @@ def train_clip(cfg: TrainConfig, clip_config_json: str, device: str | torch.devi
         targets = _caption_targets(list(texts), device)
         loss = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(wrapped.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         return {"loss": float(loss.detach())} if step % 100 == 0 else {}
 
     steps, seconds = _loop(cfg, model.parameters(), step_fn, callback)
