@@ -60,10 +60,9 @@ def _slug(text: str) -> str:
 @click.option("-v", "--verbose", is_flag=True)
 @friendly_errors
 def discover_directions(attr, prompt, negative, name, model, model_config, bf16, compile_model, clip, images, n_images,
-                        batch_size,
-                        n_steps, iterations, lr, optimizer, threshold, alpha, replicas, t_window, preserve,
-                        preserve_weight, aggregator,
-                        seed, device, store_path, keep_offsets, resume, verbose) -> None:
+                        batch_size, n_steps, iterations, lr, optimizer, threshold, alpha, replicas, t_window,
+                        preserve, preserve_weight, aggregator, seed, device, store_path, keep_offsets, resume,
+                        verbose) -> None:
     """Discover a global semantic direction with FlowGrad and store it in an HDF5 file.
 
     Runs under torchrun too: `torchrun --nproc-per-node K discover-directions ...` shares the batches
@@ -95,9 +94,9 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
                         threshold=threshold if threshold > 0 else None, t_window=tuple(t_window))
     cfg = DiscoveryConfig(name=name, prompt=prompt, negative_prompt=negative or "", model=model, clip=clip,
                           images=str(Path(images).resolve()) if images else None, n_images=n_images,
-                          batch_size=batch_size, seed=seed, flowgrad=fg,
-                          alpha=alpha, replicas=replicas, preserve=keep, preserve_weight=preserve_weight,
-                          aggregator=aggregator, keep_offsets=keep_offsets)
+                          batch_size=batch_size, seed=seed, flowgrad=fg, alpha=alpha, replicas=replicas,
+                          preserve=keep, preserve_weight=preserve_weight, aggregator=aggregator,
+                          keep_offsets=keep_offsets)
     with dist.process_group(pick_device(device).type) as dev:
         rank, world = dist.rank_and_world()
         t0 = time.perf_counter()

@@ -598,10 +598,7 @@ class ClipLoss:
 
     def _keep(self, emb: Tensor, params: AugmentParams, b: int) -> Tensor:
         """(B,) mean |change| of the preserved scores vs the source under the same augmentations."""
-        assert self.source is not None and self.preserve_matrix is not None
-        if self.source.shape[0] != b:
-            raise ValueError(f"source has {self.source.shape[0]} images but images have {b}; pass a "
-                             "source of the same batch and size")
+        assert self.source is not None and self.preserve_matrix is not None  # shapes checked by _l1 already
         with torch.no_grad():
             ref = self.clip.encode_image(apply_augment(self.source.repeat_interleave(self.replicas, dim=0),
                                                        params), max_batch=self.max_batch)

@@ -125,11 +125,9 @@ class Models:
         if channels_last != self.channels_last:
             self.net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             self.channels_last = channels_last
-        velocity = RectifiedFlowVelocity(self.net, name=self.base.name, channels_last=channels_last,
-                                         autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
-        if compiled:
-            velocity.forward = torch.compile(velocity.forward)  # type: ignore[method-assign]
-        return velocity
+        return RectifiedFlowVelocity(self.net, name=self.base.name, channels_last=channels_last,
+                                     autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
+                                     compile_backend="inductor" if compiled else None)  # as `--compile` does
 
 
 class CostModel:
@@ -180,8 +178,7 @@ def bench_micro(models: Models, args, device, budget: C.Budget, cost: CostModel)
         if not budget.allows(estimate, f"micro {name}", reserve=0.7):
             rows.append({"config": name, "status": "skipped (budget)"})
             continue
-        velocity = models.velocity(precision, cl)
-        fn: Callable[[Tensor, Tensor], Tensor] = torch.compile(velocity) if compiled else velocity
+        fn: Callable[[Tensor, Tensor], Tensor] = models.velocity(precision, cl, compiled)
         x = torch.randn((b, *shape), device=device)
         t = torch.full((b,), 0.5, device=device)
         lam = torch.randn_like(x)

@@ -36,6 +36,11 @@ EVAL_SEED = 777  # apply-time samples: disjoint from discovery's seed-0 latents
 def judged_change(velocity, z0, control, n_steps, attr, before, jb):
     """Apply ``control`` to z0 and compare the judged factors with the unedited ``before`` (judged ``jb``)."""
     after = velocity.to_image(apply_controls(velocity, z0, control, n_steps)).clamp(0, 1)
+    return before, after, judged_stats(attr, before, after, jb)
+
+
+def judged_stats(attr, before, after, jb) -> dict:
+    """Target gain, share moved the right way, per-factor leakage and L1 of ``after`` vs ``before``."""
     ja = world.judge(after)
     delta = {k: (ja[k] - jb[k]).numpy() for k in jb}
     target = delta[attr.factor] * attr.direction
@@ -45,7 +50,7 @@ def judged_change(velocity, z0, control, n_steps, attr, before, jb):
         can = (jb[attr.factor].numpy() == (0.0 if attr.direction > 0 else 1.0))
         extra["eligible"] = int(can.sum())
         extra["eligible_flipped"] = float((target[can] > 0).mean()) if can.any() else float("nan")
-    return before, after, {
+    return {
         **extra,
         "target_gain_mean": float(target.mean()),
         "target_moved_right_way": float((target > 0).mean()),
@@ -144,14 +149,9 @@ def main() -> None:
             res = optimize(velocity, z0, lambda x: loss(velocity.to_image(x)), config=fg)
             per_image_s = (time.perf_counter() - t0) / args.eval_images
             edited = velocity.to_image(res.images).clamp(0, 1)
-            ja = world.judge(edited)
-            target = (ja[attr.factor] - jb[attr.factor]).numpy() * attr.direction
-            entry["per_image_flowgrad"] = {
-                "target_gain_mean": float(target.mean()), "target_moved_right_way": float((target > 0).mean()),
-                "max_other_abs_change": max(float((ja[k] - jb[k]).abs().mean()) for k in jb if k != attr.factor),
-                "l1": float((edited - before).abs().mean()), "s_per_image": per_image_s,
-                "clip_gain": float((clip_score(clip, edited, attr.prompt) - clip_score(clip, before, attr.prompt)).mean()),
-            }
+            clip_gain = clip_score(clip, edited, attr.prompt) - clip_score(clip, before, attr.prompt)
+            entry["per_image_flowgrad"] = judged_stats(attr, before, edited, jb) | {
+                "s_per_image": per_image_s, "clip_gain": float(clip_gain.mean())}
         report["attributes"][name] = entry
         print(name, json.dumps(entry, indent=None, default=float)[:600], flush=True)
     (out / "eval_directions.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
@@ -163,8 +163,9 @@ def main() -> None:
                   + (f"  eligible flipped {100 * st['eligible_flipped']:.1f}% of {st['eligible']}"
                      if "eligible" in st else ""))
         for s, st in e.get("random_control", {}).items():
-            print(f"{name:12} {'rand ' + s:>8} {st['target_gain_mean']:7.3f} {100 * st['target_moved_right_way']:6.1f}% "
-                  f"{st['max_other_abs_change']:8.3f} {st['worst_other']:>16} {st['l1']:6.3f}")
+            print(f"{name:12} {'rand ' + s:>8} {st['target_gain_mean']:7.3f} "
+                  f"{100 * st['target_moved_right_way']:6.1f}% {st['max_other_abs_change']:8.3f} "
+                  f"{st['worst_other']:>16} {st['l1']:6.3f}")
         if "per_image_flowgrad" in e:
             pi = e["per_image_flowgrad"]
             print(f"{name:12} {'per-img':>8} {pi['target_gain_mean']:7.3f} {100 * pi['target_moved_right_way']:6.1f}% "
