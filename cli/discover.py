@@ -49,8 +49,10 @@ def _slug(text: str) -> str:
                    "registry 'preserve' list). Used when --preserve-weight > 0.")
 @click.option("--preserve-weight", type=float, default=0.0, show_default=True,
               help="Weight of the term holding the preserved attributes' CLIP scores (0: off).")
-@click.option("--aggregator", type=click.Choice(["mean", "pc1", "pca", "probe", "robust"]), default="mean",
-              show_default=True)
+@click.option("--aggregator", type=click.Choice(["mean", "pc1", "pca", "probe", "robust", "joint"]),
+              default="mean", show_default=True,
+              help="How the direction is formed: an aggregate of per-image controls, or 'joint': one "
+                   "control optimized on all images at once.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", "store_path", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_STORE,

@@ -18,7 +18,7 @@ import numpy as np
 
 __all__ = ["Aggregate", "Method", "METHODS", "aggregate", "split_half_cosine", "natural_scale"]
 
-Method = Literal["mean", "pc1", "pca", "probe", "robust"]
+Method = Literal["mean", "pc1", "pca", "probe", "robust", "joint"]
 METHODS: tuple[str, ...] = ("mean", "pc1", "pca", "probe", "robust")
 
 

@@ -285,6 +285,10 @@ class JobCheckpoint:
                              "that batch") from exc
         return arrays, records
 
+    def drop_batch(self, index: int) -> None:
+        """Delete one finished batch (a job that keeps only its latest state; no error if absent)."""
+        self._batch_path(index).unlink(missing_ok=True)
+
     def load_all(self) -> tuple[dict[str, np.ndarray], Records]:
         """All finished batches concatenated along axis 0 in batch order.
 

@@ -31,6 +31,7 @@ from flowgrad.clip_guidance import ClipLoss, clip_score
 from . import distributed as dist
 from .aggregate import Method, aggregate, split_half_cosine
 from .checkpoint import JobCheckpoint
+from .joint import optimize_joint
 from .store import Direction, DirectionStore
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ class DiscoveryConfig:
         preserve: (prompt, negative_prompt) pairs of attributes the edit should leave alone; their CLIP
             scores are held near the unedited image's (see :class:`~flowgrad.clip_guidance.ClipLoss`).
         preserve_weight: weight of that term (0: off).
-        aggregator: how per-image controls become one direction.
+        aggregator: how per-image controls become one direction, or "joint": optimize one control shared
+            by all images instead (:mod:`directions.joint`).
         invert_method: inversion solver for real images.
         keep_offsets: also store the raw per-image controls.
         precision: how the caller runs the model ("float32" or "bf16-autocast"); recorded for provenance.
@@ -94,6 +96,9 @@ class DiscoveryConfig:
         if not self.preserve_weight >= 0.0:
             raise ValueError(f"preserve_weight must be >= 0, got {self.preserve_weight}")
         object.__setattr__(self, "preserve", tuple((str(p), str(n)) for p, n in self.preserve))
+        if self.aggregator == "joint" and self.keep_offsets:
+            raise ValueError("--keep-offsets stores per-image controls; --aggregator joint has none "
+                             "(it optimizes one shared control)")
 
     def settings(self) -> dict:
         d = asdict(self)
@@ -266,9 +271,16 @@ def discover(cfg: DiscoveryConfig, velocity, clip, store_path: str | Path, *, re
         dist.barrier()
         if rank != 0:
             ckpt = JobCheckpoint.open(partial_dir(store_path, cfg.name), settings, resume=True)
+        t0 = time.perf_counter()
+        if cfg.aggregator == "joint":
+            direction = _discover_joint(cfg, velocity, clip, ckpt, device, load_image, progress, settings, t0)
+            if rank != 0:
+                return None
+            store.write(direction)
+            ckpt.remove()
+            return direction
         done = set(ckpt.done_batches())
         mine = [b for b in range(cfg.n_batches) if b % world == rank]
-        t0 = time.perf_counter()
         for b in mine:
             if b in done:
                 continue
@@ -290,6 +302,31 @@ def discover(cfg: DiscoveryConfig, velocity, clip, store_path: str | Path, *, re
         store.write(direction)
         ckpt.remove()
         return direction
+
+
+def _discover_joint(cfg: DiscoveryConfig, velocity, clip, ckpt, device: torch.device, load_image,
+                    progress: Callable[[BatchProgress], None] | None, settings: dict, t0: float) -> Direction:
+    """The joint method (:mod:`directions.joint`): one shared control optimized on all images."""
+    iters = cfg.flowgrad.iterations
+
+    def report(it: int, done: int, total: int, loss: float) -> None:
+        if progress is not None:
+            share = (it * total + done) / ((iters + 1) * total)
+            progress(BatchProgress(done - 1, total, int(round(cfg.n_images * share)), cfg.n_images, it, iters,
+                                   loss))
+
+    res = optimize_joint(cfg, velocity, clip,
+                         lambda b, idx: _batch_inputs(cfg, velocity, idx, device, load_image),
+                         ckpt, device, report)
+    records = {k: list(v) for k, v in res.records.items()}
+    return Direction(
+        name=cfg.name, vector=res.vector, scale=float(np.linalg.norm(res.vector.astype(np.float64))),
+        prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, method="joint",
+        n_images=int(np.sum(records["inlier"])), model_fingerprint=velocity.fingerprint(), model=cfg.model,
+        clip=cfg.clip, time_window=cfg.flowgrad.t_window, eps=cfg.flowgrad.eps,
+        settings=settings | {"aggregator_info": res.info, "wall_time_s": round(time.perf_counter() - t0, 2),
+                             "scale_statistic": "the optimized shared control itself (lowest mean loss)"},
+        split_half_cosine=res.split_half_cosine, records=records, offsets=None)
 
 
 def _concat(parts: list[dict]) -> dict:

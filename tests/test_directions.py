@@ -541,3 +541,92 @@ def test_discover_out_of_memory_with_one_image_is_a_one_line_error(demo_models, 
         discover(tiny_config(), _MemoryLimited(velocity, limit=0), clip, tmp_path / "s.h5")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "s.h5").exists()
+
+
+# --- the joint method: one control shared by all images ------------------------------------------
+
+def joint_config(**changes) -> DiscoveryConfig:
+    base = {"aggregator": "joint", "keep_offsets": False, "replicas": 4,
+            "flowgrad": FlowGradConfig(n_steps=4, iterations=2, lr=4.0, threshold=None)}
+    return tiny_config(**(base | changes))
+
+
+@pytest.fixture(scope="module")
+def joint_discovered(demo_models, tmp_path_factory):
+    velocity, clip = demo_models
+    store = tmp_path_factory.mktemp("joint") / "dirs.h5"
+    return discover(joint_config(), velocity, clip, store), store
+
+
+def test_joint_first_step_is_minus_lr_times_the_mean_per_image_gradient(demo_models, tmp_path):
+    """One SGD step on the shared control = -lr * (mean over all images of d loss_i / d u_i at u = 0),
+    each per-image gradient computed independently by exact backprop with the same augmentation draws."""
+    from directions.discover import _batch_inputs
+    from flowgrad.backprop import control_gradients
+    from flowgrad.clip_guidance import ClipLoss
+
+    velocity, clip = demo_models
+    cfg = tiny_config(aggregator="joint", keep_offsets=False, replicas=4,
+                      flowgrad=FlowGradConfig(n_steps=4, iterations=1, lr=4.0, threshold=None))
+    d = discover(cfg, velocity, clip, tmp_path / "s.h5")
+    assert d.method == "joint" and d.settings["aggregator_info"]["best_iteration"] == 1
+    grads = []
+    for b in range(cfg.n_batches):
+        idx = list(cfg.batch_indices(b))
+        z0, source, _, _ = _batch_inputs(cfg, velocity, idx, torch.device("cpu"), None)
+        loss = ClipLoss(clip, cfg.prompt, negative_prompt=cfg.negative_prompt, source=source, alpha=cfg.alpha,
+                        replicas=cfg.replicas, seed=(cfg.seed * 1_000_003 + b) * 1_009 + 0)
+        res = control_gradients(velocity, z0, None, lambda x: loss(velocity.to_image(x)), 4)
+        grads.append(res.gradients)
+    expected = -4.0 * torch.cat(grads, 1).mean(1).numpy()
+    rel = np.linalg.norm(d.vector - expected) / np.linalg.norm(expected)
+    assert rel <= 1e-4
+    assert d.scale == pytest.approx(float(np.linalg.norm(d.vector.astype(np.float64))), rel=1e-6)
+    np.testing.assert_allclose(d.records["control_norm"], d.scale, rtol=1e-5)
+
+
+def test_joint_direction_contract_and_records(joint_discovered):
+    d, store = joint_discovered
+    stored = DirectionStore(store).read("old")
+    np.testing.assert_array_equal(stored.vector, d.vector)
+    assert stored.method == "joint" and stored.n_images == 4 and stored.offsets is None
+    for column in RECORD_COLUMNS:
+        assert column in stored.records and len(stored.records[column]) == 4, column
+    assert (stored.records["status"] == "ok").all()
+    best = stored.settings["aggregator_info"]["best_iteration"]
+    losses = stored.settings["aggregator_info"]["mean_loss_per_iteration"]
+    assert best >= 1 and losses[best] == pytest.approx(min(losses)) and losses[best] < losses[0]
+    assert stored.records["loss_after"].mean() == pytest.approx(losses[best], rel=1e-6)
+    assert -1.0 <= stored.split_half_cosine <= 1.0
+    assert np.isfinite(stored.records["cosine_to_direction"]).all()
+    assert not partial_dir(store, "old").exists()
+
+
+def test_joint_resumes_to_the_uninterrupted_result(joint_discovered, demo_models, tmp_path):
+    velocity, clip = demo_models
+    reference = joint_discovered[0]
+    store = tmp_path / "s.h5"
+
+    def interrupt(p: BatchProgress) -> None:
+        if p.iteration >= 2:  # the states after iterations 0 and 1 are saved by now
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        discover(joint_config(), velocity, clip, store, progress=interrupt)
+    partial = partial_dir(store, "old")
+    assert sorted(p.name for p in partial.glob("batch_*.npz")) == ["batch_000001.npz"]  # only the latest
+    iterations: list[int] = []
+    resumed = discover(joint_config(), velocity, clip, store, resume=True,
+                       progress=lambda p: iterations.append(p.iteration))
+    assert min(iterations) == 2  # iterations 0 and 1 came from the checkpoint
+    rel = np.linalg.norm((resumed.vector - reference.vector).astype(np.float64)) / np.linalg.norm(reference.vector)
+    assert rel <= 1e-5
+    for column in ("loss_before", "loss_after", "clip_after", "cosine_to_direction"):
+        np.testing.assert_allclose(resumed.records[column], reference.records[column], rtol=1e-5, atol=1e-7)
+    assert resumed.split_half_cosine == pytest.approx(reference.split_half_cosine, abs=1e-5)
+
+
+def test_joint_refuses_keep_offsets():
+    with pytest.raises(ValueError, match="--keep-offsets") as err:
+        joint_config(keep_offsets=True)
+    assert "\n" not in str(err.value)

@@ -30,7 +30,7 @@ def _env() -> dict:
     return env
 
 
-@pytest.mark.parametrize("aggregator", ["mean", "pc1"])
+@pytest.mark.parametrize("aggregator", ["mean", "pc1", "joint"])
 def test_torchrun_two_processes_equals_one_process(tmp_path, aggregator):
     one, two = tmp_path / "one.h5", tmp_path / "two.h5"
     args = ["--attr", "smiling", "--aggregator", aggregator, *TINY]
