@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Multi-GPU scaling of discover-directions under torchrun (issue "GPU performance", item 4).
-#   bash tests/benchmarks/scale_torchrun.sh OUT_DIR [N_IMAGES] [BATCH]
-# Runs the same job with 1 and 2 processes (one GPU each), then 1 again (run-to-run spread), prints the
-# job seconds reported by rank 0 and the relative difference of the stored directions.
+#   bash tests/benchmarks/scale_torchrun.sh OUT_DIR [N_IMAGES] [BATCH] [PROCESS_COUNTS]
+# Runs the same job with 1 and 2 processes (one GPU each), then 1 again (run-to-run spread; PROCESS_COUNTS,
+# default "1 2 1", changes the sequence), prints the job seconds reported by rank 0 and the relative
+# difference of the stored directions.
 set -eu
-out=${1:-bench_out/scale}; n=${2:-512}; bs=${3:-32}; mkdir -p "$out"
+out=${1:-bench_out/scale}; n=${2:-512}; bs=${3:-32}; counts=${4:-1 2 1}; mkdir -p "$out"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name --format=csv,noheader
-for k in 1 2 1; do
+for k in $counts; do
   rm -f "$out/k$k.h5"
   s=$(date +%s%N)
   python3 -m torch.distributed.run --standalone --nproc-per-node "$k" -m cli.discover --attr old \
