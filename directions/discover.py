@@ -96,6 +96,8 @@ class DiscoveryConfig:
         if not self.preserve_weight >= 0.0:
             raise ValueError(f"preserve_weight must be >= 0, got {self.preserve_weight}")
         object.__setattr__(self, "preserve", tuple((str(p), str(n)) for p, n in self.preserve))
+        if self.aggregator == "joint" and self.flowgrad.optimizer != "sgd":
+            raise ValueError("--aggregator joint uses SGD on the shared control; drop --optimizer adam")
         if self.aggregator == "joint" and self.keep_offsets:
             raise ValueError("--keep-offsets stores per-image controls; --aggregator joint has none "
                              "(it optimizes one shared control)")

@@ -71,6 +71,28 @@ def _halves(n: int, seed: int) -> np.ndarray:
     return half
 
 
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def _out_of_memory(device: torch.device, batch: int) -> RuntimeError:
+    return RuntimeError(f"out of {device.type.upper()} memory with {batch} images per batch; the joint "
+                        "method needs whole batches: rerun with a smaller --batch-size")
+
+
+def _batch_pass(cfg, velocity, clip, loss, w: Tensor, z0: Tensor, grid):
+    """Forward with the shared control, per-image losses, adjoints, CLIP scores and control gradients."""
+    fg = cfg.flowgrad
+    traj = integrate(velocity, z0, grid, w.unsqueeze(1).expand(grid.n_steps, *z0.shape))
+    losses, lam = loss_and_adjoint(lambda x: loss(velocity.to_image(x)), traj.final)
+    with torch.no_grad():
+        clips = clip_score(clip, velocity.to_image(traj.final).clamp(0, 1), cfg.prompt)
+    ok = torch.isfinite(losses) & torch.isfinite(lam).flatten(1).all(1)
+    lam = torch.where(ok.view(-1, 1, 1, 1), lam, torch.zeros_like(lam))
+    segments = None if fg.threshold is None else straightness_segments(traj, fg.threshold, per_image=True)
+    grads, _ = backward_sweep(velocity, traj, lam, segments)
+    return losses, lam, clips, grads
+
+
 def optimize_joint(cfg, velocity, clip, inputs: BatchInputs, ckpt, device: torch.device,
                    report: Callable[[int, int, int, float], None] | None = None) -> JointResult:
     """Run the joint optimization of ``cfg`` (a :class:`~directions.discover.DiscoveryConfig`).
@@ -115,7 +137,10 @@ def optimize_joint(cfg, velocity, clip, inputs: BatchInputs, ckpt, device: torch
         dots = arrays["dots"]
         start = k + 1
 
-    cache = {b: inputs(b, list(cfg.batch_indices(b))) for b in mine}
+    try:
+        cache = {b: inputs(b, list(cfg.batch_indices(b))) for b in mine}
+    except _OOM:
+        raise _out_of_memory(device, cfg.batch_size) from None
     for it in range(start, iters + 1):
         wt = torch.from_numpy(w).to(device)
         best_t = torch.from_numpy(best_w).to(device)
@@ -129,16 +154,11 @@ def optimize_joint(cfg, velocity, clip, inputs: BatchInputs, ckpt, device: torch
             loss = ClipLoss(clip, cfg.prompt, negative_prompt=negative, source=source, alpha=cfg.alpha,
                             replicas=cfg.replicas, seed=(cfg.seed * 1_000_003 + b) * 1_009 + it,
                             preserve=preserve, preserve_weight=cfg.preserve_weight)
-            u = wt.unsqueeze(1).expand(grid.n_steps, *z0.shape)
-            traj = integrate(velocity, z0, grid, u)
-            losses, lam = loss_and_adjoint(lambda x: loss(velocity.to_image(x)), traj.final)
-            with torch.no_grad():
-                clips = clip_score(clip, velocity.to_image(traj.final).clamp(0, 1), cfg.prompt)
+            try:
+                losses, lam, clips, grads = _batch_pass(cfg, velocity, clip, loss, wt, z0, grid)
+            except _OOM:
+                raise _out_of_memory(device, len(idx)) from None
             ok = torch.isfinite(losses) & torch.isfinite(lam).flatten(1).all(1)
-            lam = torch.where(ok.view(-1, 1, 1, 1), lam, torch.zeros_like(lam))
-            segments = (None if fg.threshold is None
-                        else straightness_segments(traj, fg.threshold, per_image=True))
-            grads, _ = backward_sweep(velocity, traj, lam, segments)
             ok &= torch.isfinite(grads).flatten(2).all(2).all(0)
             grads = torch.where(ok.view(1, -1, 1, 1, 1), grads, torch.zeros_like(grads)) * window.unsqueeze(1)
             g_sum += grads.sum(1).double()

@@ -579,6 +579,17 @@ def test_discover_preserve_errors_are_one_line(tmp_path):
     assert not store.exists()
 
 
+def test_discover_joint_refuses_keep_offsets_and_adam_in_one_line(tmp_path):
+    store = tmp_path / "d.h5"
+    result = invoke("discover-directions", "--attr", "old", *TINY_DISCOVERY, "--aggregator", "joint",
+                    "--keep-offsets", "--out", store)
+    assert_cli_error(result, "--keep-offsets", "joint")
+    result = invoke("discover-directions", "--attr", "old", *TINY_DISCOVERY, "--aggregator", "joint",
+                    "--optimizer", "adam", "--out", store)
+    assert_cli_error(result, "joint uses SGD")
+    assert not store.exists() and not (tmp_path / "d.h5.partial-old").exists()
+
+
 def test_compile_with_the_demo_flow_is_a_one_line_error(tmp_path):
     result = invoke("discover-directions", "--attr", "old", "--compile", "--n-images", "2", "--device", "cpu",
                     "--out", str(tmp_path / "d.h5"))

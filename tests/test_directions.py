@@ -630,3 +630,11 @@ def test_joint_refuses_keep_offsets():
     with pytest.raises(ValueError, match="--keep-offsets") as err:
         joint_config(keep_offsets=True)
     assert "\n" not in str(err.value)
+
+
+def test_joint_out_of_memory_is_a_one_line_error(demo_models, tmp_path):
+    velocity, clip = demo_models
+    with pytest.raises(RuntimeError, match="out of CPU memory with 2 images per batch.*smaller --batch-size") as err:
+        discover(joint_config(), _MemoryLimited(velocity, limit=1), clip, tmp_path / "s.h5")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "s.h5").exists()
