@@ -64,7 +64,7 @@ class JointResult:
 
 
 def _halves(n: int, seed: int) -> np.ndarray:
-    """Half (0 or 1) of every image, from the same permutation as the mean aggregator's split."""
+    """Half (0 or 1) of every image: a seeded random split into two disjoint halves."""
     perm = np.random.default_rng(seed).permutation(n)
     half = np.zeros(n, dtype=np.int64)
     half[perm[n // 2:]] = 1
