@@ -276,29 +276,25 @@ def discover(cfg: DiscoveryConfig, velocity, clip, store_path: str | Path, *, re
         t0 = time.perf_counter()
         if cfg.aggregator == "joint":
             direction = _discover_joint(cfg, velocity, clip, ckpt, device, load_image, progress, settings, t0)
-            if rank != 0:
-                return None
-            store.write(direction)
-            ckpt.remove()
-            return direction
-        done = set(ckpt.done_batches())
-        mine = [b for b in range(cfg.n_batches) if b % world == rank]
-        for b in mine:
-            if b in done:
-                continue
-            n_before = sum(len(cfg.batch_indices(x)) for x in range(cfg.n_batches) if x in done or x < b)
+        else:
+            done = set(ckpt.done_batches())
+            mine = [b for b in range(cfg.n_batches) if b % world == rank]
+            for b in mine:
+                if b in done:
+                    continue
+                n_before = sum(len(cfg.batch_indices(x)) for x in range(cfg.n_batches) if x in done or x < b)
 
-            def report(it: int, loss: float, b: int = b, n_before: int = n_before) -> None:
-                if progress is not None:
-                    progress(BatchProgress(b, cfg.n_batches, n_before, cfg.n_images, it,
-                                           cfg.flowgrad.iterations, loss))
+                def report(it: int, loss: float, b: int = b, n_before: int = n_before) -> None:
+                    if progress is not None:
+                        progress(BatchProgress(b, cfg.n_batches, n_before, cfg.n_images, it,
+                                               cfg.flowgrad.iterations, loss))
 
-            arrays, records = _run_batch(cfg, velocity, clip, b, device, load_image, report)
-            ckpt.save_batch(b, arrays, records)
-            done.add(b)
-        dist.barrier()
-        local = {b: ckpt.load_batch(b) for b in mine}
-        direction = _aggregate(cfg, velocity, local, settings, time.perf_counter() - t0)
+                arrays, records = _run_batch(cfg, velocity, clip, b, device, load_image, report)
+                ckpt.save_batch(b, arrays, records)
+                done.add(b)
+            dist.barrier()
+            local = {b: ckpt.load_batch(b) for b in mine}
+            direction = _aggregate(cfg, velocity, local, settings, time.perf_counter() - t0)
         if rank != 0:
             return None
         store.write(direction)
@@ -317,18 +313,23 @@ def _discover_joint(cfg: DiscoveryConfig, velocity, clip, ckpt, device: torch.de
             progress(BatchProgress(done - 1, total, int(round(cfg.n_images * share)), cfg.n_images, it, iters,
                                    loss))
 
-    res = optimize_joint(cfg, velocity, clip,
-                         lambda b, idx: _batch_inputs(cfg, velocity, idx, device, load_image),
+    res = optimize_joint(cfg, velocity, clip, lambda idx: _batch_inputs(cfg, velocity, idx, device, load_image),
                          ckpt, device, report)
-    records = {k: list(v) for k, v in res.records.items()}
+    return _direction(cfg, velocity, res.vector, res.records, settings, res.info, time.perf_counter() - t0,
+                      "the optimized shared control itself (lowest mean loss)", res.split_half_cosine)
+
+
+def _direction(cfg: DiscoveryConfig, velocity, vector: np.ndarray, records: dict, settings: dict, info: dict,
+               seconds: float, scale_statistic: str, half: float, offsets: np.ndarray | None = None) -> Direction:
+    """The stored direction of a finished job (strength 1 = ``vector``)."""
     return Direction(
-        name=cfg.name, vector=res.vector, scale=float(np.linalg.norm(res.vector.astype(np.float64))),
-        prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, method="joint",
+        name=cfg.name, vector=vector, scale=float(np.linalg.norm(vector.astype(np.float64))),
+        prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, method=cfg.aggregator,
         n_images=int(np.sum(records["inlier"])), model_fingerprint=velocity.fingerprint(), model=cfg.model,
         clip=cfg.clip, time_window=cfg.flowgrad.t_window, eps=cfg.flowgrad.eps,
-        settings=settings | {"aggregator_info": res.info, "wall_time_s": round(time.perf_counter() - t0, 2),
-                             "scale_statistic": "the optimized shared control itself (lowest mean loss)"},
-        split_half_cosine=res.split_half_cosine, records=records, offsets=None)
+        settings=settings | {"aggregator_info": info, "wall_time_s": round(seconds, 2),
+                             "scale_statistic": scale_statistic},
+        split_half_cosine=half, records=records, offsets=offsets)
 
 
 def _concat(parts: list[dict]) -> dict:
@@ -425,13 +426,6 @@ def _aggregate(cfg: DiscoveryConfig, velocity, local: dict[int, tuple[dict, dict
     cosine = np.where(ok, cosine, np.nan)
     records = records | {"cosine_to_direction": cosine.tolist(), "inlier": inlier.tolist()}
     vector = (unit * scale).reshape(shape).astype(np.float32)
-    return Direction(
-        name=cfg.name, vector=vector, scale=float(np.linalg.norm(vector.astype(np.float64))),
-        prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, method=cfg.aggregator,
-        n_images=int(inlier.sum()), model_fingerprint=velocity.fingerprint(), model=cfg.model,
-        clip=cfg.clip, time_window=cfg.flowgrad.t_window, eps=cfg.flowgrad.eps,
-        settings=settings | {"aggregator_info": info, "wall_time_s": round(seconds, 2),
-                             "scale_statistic": "median over images of the control's component along "
-                                                "the unit direction"},
-        split_half_cosine=half, records=records,
-        offsets=controls if cfg.keep_offsets else None)
+    return _direction(cfg, velocity, vector, records, settings, info, seconds,
+                      "median over images of the control's component along the unit direction", half,
+                      controls if cfg.keep_offsets else None)

@@ -42,8 +42,8 @@ from . import distributed as dist
 
 __all__ = ["JointResult", "optimize_joint"]
 
-BatchInputs = Callable[[int, Sequence[int]], tuple[Tensor, Tensor, list[str], Tensor]]
-"""``inputs(b, indices) -> (z0, source images, source labels, reconstruction RMSE)``."""
+BatchInputs = Callable[[Sequence[int]], tuple[Tensor, Tensor, list[str], Tensor]]
+"""``inputs(indices) -> (z0, source images, source labels, reconstruction RMSE)``."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,8 @@ def _out_of_memory(device: torch.device, batch: int) -> RuntimeError:
 
 
 def _batch_pass(cfg, velocity, clip, loss, w: Tensor, z0: Tensor, grid):
-    """Forward with the shared control, per-image losses, adjoints, CLIP scores and control gradients."""
+    """One batch at the shared control ``w``: per-image losses (B,), finite mask (B,), CLIP scores (B,) and
+    control gradients (N, B, C, H, W), zero for images whose loss or gradient is not finite."""
     fg = cfg.flowgrad
     traj = integrate(velocity, z0, grid, w.unsqueeze(1).expand(grid.n_steps, *z0.shape))
     losses, lam = loss_and_adjoint(lambda x: loss(velocity.to_image(x)), traj.final)
@@ -90,7 +91,9 @@ def _batch_pass(cfg, velocity, clip, loss, w: Tensor, z0: Tensor, grid):
     lam = torch.where(ok.view(-1, 1, 1, 1), lam, torch.zeros_like(lam))
     segments = None if fg.threshold is None else straightness_segments(traj, fg.threshold, per_image=True)
     grads, _ = backward_sweep(velocity, traj, lam, segments)
-    return losses, lam, clips, grads
+    ok &= torch.isfinite(grads).flatten(2).all(2).all(0)
+    grads = torch.where(ok.view(1, -1, 1, 1, 1), grads, torch.zeros_like(grads))
+    return losses.detach(), ok, clips, grads
 
 
 def optimize_joint(cfg, velocity, clip, inputs: BatchInputs, ckpt, device: torch.device,
@@ -100,15 +103,13 @@ def optimize_joint(cfg, velocity, clip, inputs: BatchInputs, ckpt, device: torch
     Args:
         cfg: the job's settings (``cfg.flowgrad`` gives steps, iterations, lr, threshold, window).
         velocity, clip: the frozen model and the guidance CLIP.
-        inputs: makes a batch's latents and source images.
+        inputs: makes the latents and source images of a batch's image indices.
         ckpt: the job's :class:`~directions.checkpoint.JobCheckpoint`; entry ``k`` holds the state
             after iteration ``k`` (only the latest is kept).
         device: where to compute.
         report: ``report(iteration, batches_done, n_batches_total, running_loss)`` after each batch.
     """
-    fg = cfg.flowgrad
-    if fg.optimizer != "sgd":
-        raise ValueError("--aggregator joint uses SGD on the shared control; drop --optimizer adam")
+    fg = cfg.flowgrad  # SGD only: DiscoveryConfig refuses another optimizer for the joint method
     rank, world = dist.rank_and_world()
     n, iters = cfg.n_images, fg.iterations
     grid = fg.grid
@@ -138,37 +139,39 @@ def optimize_joint(cfg, velocity, clip, inputs: BatchInputs, ckpt, device: torch
         start = k + 1
 
     try:
-        cache = {b: inputs(b, list(cfg.batch_indices(b))) for b in mine}
+        cache = {b: inputs(list(cfg.batch_indices(b))) for b in mine}
     except _OOM:
         raise _out_of_memory(device, cfg.batch_size) from None
+    # One loss per batch (text embeddings once); its augmentation draws are reseeded per (batch, iteration).
+    losses_of = {b: ClipLoss(clip, cfg.prompt, negative_prompt=negative, source=cache[b][1], alpha=cfg.alpha,
+                             replicas=cfg.replicas, preserve=preserve, preserve_weight=cfg.preserve_weight)
+                 for b in mine}
     for it in range(start, iters + 1):
+        last = it == iters  # the final evaluation: its gradients only give the per-image cosines
         wt = torch.from_numpy(w).to(device)
-        best_t = torch.from_numpy(best_w).to(device)
         g_sum = torch.zeros(shape, dtype=torch.float64, device=device)
         g_half = torch.zeros((2, *shape), dtype=torch.float64, device=device)
         losses_local, clips_local, finite_local, dots_local = {}, {}, {}, {}
         running = []
         for j, b in enumerate(mine):
-            z0, source, _, _ = cache[b]
             idx = list(cfg.batch_indices(b))
-            loss = ClipLoss(clip, cfg.prompt, negative_prompt=negative, source=source, alpha=cfg.alpha,
-                            replicas=cfg.replicas, seed=(cfg.seed * 1_000_003 + b) * 1_009 + it,
-                            preserve=preserve, preserve_weight=cfg.preserve_weight)
+            loss = losses_of[b]
+            loss.generator.manual_seed((cfg.seed * 1_000_003 + b) * 1_009 + it)
             try:
-                losses, lam, clips, grads = _batch_pass(cfg, velocity, clip, loss, wt, z0, grid)
+                losses, ok, clips, grads = _batch_pass(cfg, velocity, clip, loss, wt, cache[b][0], grid)
             except _OOM:
                 raise _out_of_memory(device, len(idx)) from None
-            ok = torch.isfinite(losses) & torch.isfinite(lam).flatten(1).all(1)
-            ok &= torch.isfinite(grads).flatten(2).all(2).all(0)
-            grads = torch.where(ok.view(1, -1, 1, 1, 1), grads, torch.zeros_like(grads)) * window.unsqueeze(1)
-            g_sum += grads.sum(1).double()
-            hb = torch.as_tensor(half_of[idx], device=device)
-            for h in (0, 1):
-                g_half[h] += grads[:, hb == h].sum(1).double()
-            flat = -grads.transpose(0, 1).flatten(1)
-            dots_local[b] = torch.stack([flat @ wt.flatten(), flat @ best_t.flatten(),
-                                         flat.norm(dim=1)], 1).double().cpu().numpy()
-            losses_local[b] = losses.detach().double().cpu().numpy()
+            grads = grads * window.unsqueeze(1)
+            if last:
+                flat = -grads.transpose(0, 1).flatten(1)
+                refs = torch.stack([wt.flatten(), torch.from_numpy(best_w).to(device).flatten()], 1)
+                dots_local[b] = torch.cat([flat @ refs, flat.norm(dim=1, keepdim=True)], 1).double().cpu().numpy()
+            else:
+                g_sum += grads.sum(1).double()
+                hb = torch.as_tensor(half_of[idx], device=device)
+                for h in (0, 1):
+                    g_half[h] += grads[:, hb == h].sum(1).double()
+            losses_local[b] = losses.double().cpu().numpy()
             clips_local[b] = clips.double().cpu().numpy()
             finite_local[b] = ok.cpu().numpy()
             running.extend(losses_local[b][finite_local[b]].tolist())
@@ -179,16 +182,16 @@ def optimize_joint(cfg, velocity, clip, inputs: BatchInputs, ckpt, device: torch
                 sel = list(cfg.batch_indices(b))
                 loss_hist[it, sel], clip_hist[it, sel] = part[0][b], part[1][b]
                 finite[sel] &= part[2][b]
-                dots[sel] = part[3][b]
+                if last:
+                    dots[sel] = part[3][b]
         if not finite.any():
             raise ValueError("every image's loss or gradient stopped being finite; lower --lr")
-        g_np = dist.all_reduce_sum(g_sum.cpu().numpy())
         mean_loss = float(loss_hist[it, finite].mean())
         if mean_loss < best_loss:
             best_loss, best_it, best_w = mean_loss, it, w.copy()
-        if it < iters:
+        if not last:
             acc += dist.all_reduce_sum(g_half.cpu().numpy())
-            w = (w - fg.lr * g_np / finite.sum()).astype(np.float32)
+            w = (w - fg.lr * dist.all_reduce_sum(g_sum.cpu().numpy()) / finite.sum()).astype(np.float32)
         if rank == 0:
             ckpt.save_batch(it, {"w": w, "best_w": best_w, "acc": acc, "loss_hist": loss_hist,
                                  "clip_hist": clip_hist, "finite": finite, "dots": dots,
@@ -209,7 +212,7 @@ def optimize_joint(cfg, velocity, clip, inputs: BatchInputs, ckpt, device: torch
         a, b = acc[0].ravel(), acc[1].ravel()
         denom = np.linalg.norm(a) * np.linalg.norm(b)
         half = float(a @ b / denom) if denom > 0 else float("nan")
-    labels, rmse = [], []
+    labels = []
     for part in dist.all_gather({b: (cache[b][2], cache[b][3].tolist()) for b in mine}):
         for b, (lab, rm) in part.items():
             labels.append((b, lab, rm))
