@@ -20,6 +20,9 @@ from .common import CliError, console, pick_device, progress_callback
 if TYPE_CHECKING:
     from flowgrad.demo.train import Callback, TrainConfig, TrainResult
 
+JUDGE_BLUR = 0.8
+"""Default --blur of the judge (the committed judge's training setting)."""
+
 
 @click.group("demo")
 def demo() -> None:
@@ -38,7 +41,7 @@ def _card(world: int = 1) -> str:
 @click.option("--part", type=click.Choice(["flow", "clip", "judge", "all"]), default="all", show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("data/demo"),
               show_default=True, help="Folder for the weights (and the manifest).")
-@click.option("--steps", type=int, default=None, help="Optimizer steps (default per part: 30000/6000/6000).")
+@click.option("--steps", type=int, default=None, help="Optimizer steps (default per part: 30000/6000/16000).")
 @click.option("--max-seconds", type=float, default=None, help="Stop a part early after this long.")
 @click.option("--batch-size", type=int, default=None, help="Default per part: 256/512/256.")
 @click.option("--lr", type=float, default=None, help="Default per part: 3e-4/5e-4/1e-3.")
@@ -49,10 +52,12 @@ def _card(world: int = 1) -> str:
               help="Pre-render this many images for the flow (0: render every batch).")
 @click.option("--t-sampling", type=click.Choice(["uniform", "late"]), default="uniform", show_default=True,
               help="Flow: how t is drawn ('late': half the batch with density 2t, for fine detail).")
+@click.option("--blur", type=float, default=JUDGE_BLUR, show_default=True,
+              help="Judge: blur a random half of each batch with a Gaussian of sigma ~ U(0, BLUR) px.")
 @click.option("--init", "init_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="Continue training the flow from these weights (a flow.pt).")
 def train(part: str, out_dir: Path, steps: int | None, max_seconds: float | None, batch_size: int | None,
-          lr: float | None, seed: int, device: str, workers: int, pool: int, t_sampling: str,
+          lr: float | None, seed: int, device: str, workers: int, pool: int, t_sampling: str, blur: float,
           init_path: Path | None) -> None:
     """Train the demo models from streamed renders and write fp16 weights + a manifest entry.
 
@@ -79,17 +84,17 @@ def train(part: str, out_dir: Path, steps: int | None, max_seconds: float | None
                                  t_sampling=t_sampling if name == "flow" else "uniform")
             bar = progress_callback(total=cfg.steps, desc=f"train {name}") if rank == 0 else contextlib.nullcontext()
             with bar as cb:
-                res, config = _train_part(name, cfg, dev, out_dir, workers, pool, init_path, cb)
+                res, config = _train_part(name, cfg, dev, out_dir, workers, pool, init_path, blur, cb)
             if rank == 0:
-                _write_part(name, res, config, cfg, out_dir, pool, (init_path, init_sha), world)
+                _write_part(name, res, config, cfg, out_dir, pool, (init_path, init_sha), world, blur)
 
 
-TRAIN_DEFAULTS = {"flow": (30_000, 256, 3e-4), "clip": (6_000, 512, 5e-4), "judge": (6_000, 256, 1e-3)}
+TRAIN_DEFAULTS = {"flow": (30_000, 256, 3e-4), "clip": (6_000, 512, 5e-4), "judge": (16_000, 256, 1e-3)}
 """(steps, batch size, learning rate) of each part when the options leave them out."""
 
 
 def _train_part(name: str, cfg: TrainConfig, dev: torch.device, out_dir: Path, workers: int, pool: int,
-                init_path: Path | None, callback: Callback | None) -> tuple[TrainResult, dict | None]:
+                init_path: Path | None, blur: float, callback: Callback | None) -> tuple[TrainResult, dict | None]:
     """Train one part; returns the library's TrainResult and the architecture dict for the payload."""
     from flowgrad.demo import train as tr
     from flowgrad.demo.world import CLIP_CONFIG
@@ -105,12 +110,12 @@ def _train_part(name: str, cfg: TrainConfig, dev: torch.device, out_dir: Path, w
         if (out_dir / CLIP_CONFIG).is_file():
             config_json = out_dir / CLIP_CONFIG
         return tr.train_clip(cfg, str(config_json), device=dev, workers=workers, callback=callback), None
-    res = tr.train_judge(cfg, device=dev, callback=callback)
+    res = tr.train_judge(cfg, device=dev, blur=blur, callback=callback)
     return res, res.model.config.to_dict()
 
 
 def _write_part(name: str, res: TrainResult, config: dict | None, cfg: TrainConfig, out_dir: Path, pool: int,
-                init: tuple[Path | None, str | None], world: int) -> None:
+                init: tuple[Path | None, str | None], world: int, blur: float) -> None:
     """Write a part's weights and its train_<part>.json record (a command that reproduces it) and say so.
 
     ``init`` is the flow's --init file and its sha256 (taken before training), or (None, None).
@@ -126,6 +131,8 @@ def _write_part(name: str, res: TrainResult, config: dict | None, cfg: TrainConf
         command += ["--pool", str(pool)]
     if name == "flow" and cfg.t_sampling != "uniform":
         command += ["--t-sampling", cfg.t_sampling]
+    if name == "judge":
+        command += ["--blur", str(blur)]
     if init_sha is not None:
         command += ["--init", f"<flow.pt sha256 {init_sha}>"]
     entry.update(part=name, steps=res.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
@@ -194,7 +201,8 @@ def evaluate(directory: Path | None, n_images: int, n_steps: int, out_path: Path
     clip = load_clip(demo_clip_spec(directory), device=dev)
     registry = load_registry()
     attrs = [registry[a] for a in ev.ZERO_SHOT_ATTRIBUTES]
-    report: dict = {"judge": ev.judge_quality(judge_net, n_images, dev)}
+    report: dict = {"judge": ev.judge_quality(judge_net, n_images, dev),
+                    "judge_blur_shift": ev.judge_blur_shift(judge_net, n_images, device=dev)}
     images, factors = render(n_images, seed=ev.EVAL_SEED + 3, device=dev)
     report["clip_zero_shot_renders"] = ev.zero_shot_accuracy(clip, images, factors, attrs)
     report["flow"], samples = ev.flow_quality(flow, judge_net, n_images, n_steps, dev)

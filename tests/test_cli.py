@@ -480,8 +480,9 @@ def test_demo_evaluate_small(tmp_path):
     result = invoke("flowgrad", "demo", "evaluate", "--n", "16", "--steps", "4", "--device", "cpu", "--out", out)
     assert result.exit_code == 0, (result.stderr, result.exception)
     report = json.loads(out.read_text())
-    assert {"judge", "clip_zero_shot_renders", "flow", "clip_zero_shot_flow_samples", "card", "seconds"} <= set(report)
-    assert {"age", "smile", "glasses"} <= set(report["judge"])
+    assert {"judge", "judge_blur_shift", "clip_zero_shot_renders", "flow", "clip_zero_shot_flow_samples", "card",
+            "seconds"} <= set(report)
+    assert {"age", "smile", "glasses"} <= set(report["judge"]) and set(report["judge_blur_shift"]) == set(report["judge"])
     assert result.stdout.strip() == out.read_text().strip()
 
 

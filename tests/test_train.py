@@ -190,3 +190,20 @@ def test_train_clip_and_judge_take_real_steps():
     judge = train_judge(cfg)
     assert judge.steps == 2
     assert all(torch.isfinite(p).all() for p in judge.model.parameters())
+
+
+def test_judge_blur_augmentation_is_reproducible_and_recorded(tmp_path):
+    """--blur changes what the judge trains on (so its weights), reproducibly, and the record says so."""
+    from flowgrad.demo.train import train_judge
+
+    cfg = TrainConfig(steps=2, batch_size=4, warmup=1, seed=3)
+    plain, blurred, again = train_judge(cfg), train_judge(cfg, blur=0.8), train_judge(cfg, blur=0.8)
+    assert _equal(blurred.model.state_dict(), again.model.state_dict())
+    assert not _equal(plain.model.state_dict(), blurred.model.state_dict())
+
+    out = tmp_path / "w"
+    result = invoke("flowgrad", "demo", "train", "--part", "judge", "--steps", "2", "--batch-size", "2",
+                    "--device", "cpu", "--out", out)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    record = json.loads((out / "train_judge.json").read_text())
+    assert record["command"] == "flowgrad demo train --part judge --steps 2 --batch-size 2 --lr 0.001 --seed 0 --blur 0.8"

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..augment import diff_augment
 from .captions import caption
+from .evaluate import gaussian_blur
 from .nets import DemoUNet, JudgeConfig, JudgeNet, UNetConfig
 from .render import FACTORS, render, render_factors, sample_factors
 
@@ -309,9 +310,15 @@ def judge_config() -> JudgeConfig:
                        binary=tuple(f.kind == "binary" for f in FACTORS))
 
 
-def train_judge(cfg: TrainConfig, device: str | torch.device = "cpu", noise: float = 0.04,
+def train_judge(cfg: TrainConfig, device: str | torch.device = "cpu", noise: float = 0.04, blur: float = 0.0,
                 callback: Callback | None = None) -> TrainResult:
-    """Regress every factor (MSE for continuous, BCE for binary) from renders with mild noise."""
+    """Regress every factor (MSE for continuous, BCE for binary) from renders with mild noise.
+
+    ``blur`` > 0: a random half of each batch is blurred with a Gaussian of sigma ~ U(0, blur) px
+    before the noise, so the judge reads the factors of slightly soft (generated) images as it reads
+    renders instead of taking softness for a factor (unblurred, narrow eyes and glasses frames are
+    the finest details).
+    """
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     jc = judge_config()
@@ -321,6 +328,11 @@ def train_judge(cfg: TrainConfig, device: str | torch.device = "cpu", noise: flo
 
     def step_fn(step: int) -> dict[str, float]:
         images, factors = render(cfg.batch_size, seed=_batch_seed(cfg, step, 2), device=device)
+        if blur > 0:
+            n = images.shape[0]
+            radius = blur * torch.rand(n, generator=gen, device=device)
+            keep = torch.rand(n, generator=gen, device=device) < 0.5
+            images = gaussian_blur(images, torch.where(keep, torch.zeros_like(radius), radius))
         sigma = noise * torch.rand(images.shape[0], 1, 1, 1, generator=gen, device=device)
         images = (images + sigma * torch.randn(images.shape, generator=gen, device=device)).clamp(0, 1)
         target = factor_matrix(factors).to(device)
