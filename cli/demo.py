@@ -52,7 +52,7 @@ def _card(world: int = 1) -> str:
               help="Pre-render this many images for the flow (0: render every batch).")
 @click.option("--t-sampling", type=click.Choice(["uniform", "late"]), default="uniform", show_default=True,
               help="Flow: how t is drawn ('late': half the batch with density 2t, for fine detail).")
-@click.option("--blur", type=float, default=JUDGE_BLUR, show_default=True,
+@click.option("--blur", type=click.FloatRange(min=0.0), default=JUDGE_BLUR, show_default=True,
               help="Judge: blur a random half of each batch with a Gaussian of sigma ~ U(0, BLUR) px.")
 @click.option("--init", "init_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="Continue training the flow from these weights (a flow.pt).")

@@ -207,7 +207,7 @@ def test_eval_directions_tiny_run(tmp_path: Path) -> None:
         pytest.skip("demo weights are not in data/demo")
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(BENCH / "eval_directions.py"), "--attrs", "glasses", "--project-out", "smiling",
-           "--n-images", "2", "--batch-size", "2", "--steps", "4", "--iterations", "1", "--replicas", "1",
+           "--n-images", "2", "--batch-size", "2", "--steps", "4", "--iterations", "2", "--replicas", "1",
            "--eval-images", "4", "--strengths", "1", "2", "--random-control", "--per-image", "--device", "cpu",
            "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, timeout=300)
