@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flowgrad.augment import (
-    POLICY_OPS, AugmentParams, apply_augment, diff_augment, parse_policy, sample_augment_params,
+    POLICY_OPS, AugmentParams, apply_augment, diff_augment, gaussian_blur, parse_policy, sample_augment_params,
 )
 
 
@@ -109,3 +109,17 @@ def test_policy_parsing_and_validation():
     with pytest.raises(ValueError, match="rows"):
         apply_augment(torch.rand(2, 3, 8, 8), params)
     assert len(params) == 3 and len(params.select(slice(1, 3))) == 2
+
+
+def test_gaussian_blur_matches_torchvision_and_takes_one_sigma_per_image():
+    import torchvision.transforms.functional as tvf
+
+    images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    for sigma in (0.4, 0.6):
+        ref = tvf.gaussian_blur(images, kernel_size=5, sigma=sigma)
+        assert torch.allclose(gaussian_blur(images, sigma, radius=2), ref, atol=1e-6)
+    assert torch.equal(gaussian_blur(images, 0.0), images)
+    sigmas = torch.tensor([0.0, 0.3, 0.6, 0.8, 1.2, 0.1])
+    batched = gaussian_blur(images, sigmas)
+    for i, s in enumerate(sigmas.tolist()):
+        assert torch.allclose(batched[i:i + 1], gaussian_blur(images[i:i + 1], s, radius=4), atol=1e-6)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flowgrad.augment import gaussian_blur
 from flowgrad.demo import evaluate as ev
 from flowgrad.demo import render, world
 from flowgrad.demo.registry import load_registry
@@ -55,7 +56,7 @@ def test_each_model_loads_with_the_parameter_count_of_its_manifest_entry():
     assert not any(p.requires_grad for p in judge_net.parameters())
 
 
-def test_two_image_smoke_sample_is_a_face_the_judge_can_read():
+def test_two_image_smoke_sample_is_a_nonblank_image_the_judge_reads():
     from flowgrad.demo.evaluate import sample_images
 
     flow = world.load_demo_flow()
@@ -63,7 +64,8 @@ def test_two_image_smoke_sample_is_a_face_the_judge_can_read():
     assert x.shape == (2, 3, 64, 64) and torch.isfinite(x).all()
     assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0 and float(x.std()) > 0.05  # not a blank image
     judged = world.judge(x)
-    assert set(judged) == {f for f in world.load_judge().config.factors}
+    assert set(judged) == set(world.load_judge().config.factors)
+    assert all(v.shape == (2,) and bool(((v >= 0) & (v <= 1)).all()) for v in judged.values())
     # the image space round trip of the flow object (what the loaders of real checkpoints also provide)
     assert torch.allclose(flow.to_image(flow.from_image(x)), x, atol=1e-6)
 
@@ -85,7 +87,7 @@ def test_judge_is_not_fooled_by_a_slight_blur(held_out):
     (+0.21); the committed one is trained with blur augmentation.
     """
     images, _ = held_out
-    clean, blurred = world.judge(images), world.judge(ev.gaussian_blur(images, ev.BLUR_CHECK_SIGMA))
+    clean, blurred = world.judge(images), world.judge(gaussian_blur(images, ev.BLUR_CHECK_SIGMA))
     for name in clean:
         shift = float((blurred[name] - clean[name]).abs().mean())
         assert shift < 0.04, (name, shift)
@@ -100,20 +102,6 @@ def test_tiny_clip_zero_shot_on_held_out_renders(attr):
     images, factors = render(24, seed=ev.EVAL_SEED + 12)
     acc = ev.zero_shot_accuracy(clip, images, factors, [load_registry()[attr]])[attr]
     assert acc["n"] >= 8 and acc["accuracy"] >= 0.85, acc
-
-
-def test_gaussian_blur_matches_torchvision_and_takes_one_sigma_per_image(held_out):
-    import torchvision.transforms.functional as tvf
-
-    images = held_out[0][:6]
-    for sigma in (0.4, 0.6):
-        ref = tvf.gaussian_blur(images, kernel_size=5, sigma=sigma)
-        assert torch.allclose(ev.gaussian_blur(images, sigma, radius=2), ref, atol=1e-6)
-    assert torch.equal(ev.gaussian_blur(images, 0.0), images)
-    sigmas = torch.tensor([0.0, 0.3, 0.6, 0.8, 1.2, 0.1])
-    batched = ev.gaussian_blur(images, sigmas)
-    for i, s in enumerate(sigmas.tolist()):
-        assert torch.allclose(batched[i:i + 1], ev.gaussian_blur(images[i:i + 1], s, radius=4), atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["flow", "judge"])

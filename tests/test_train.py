@@ -165,13 +165,18 @@ def test_cli_refuses_other_parts_under_torchrun(tmp_path, monkeypatch):
     assert_cli_error(result, "only --part flow trains data-parallel")
 
 
-def test_cli_single_process_record_is_unchanged(tmp_path):
+@pytest.mark.parametrize("part, expected", [
+    ("flow", "flowgrad demo train --part flow --steps 2 --batch-size 2 --lr 0.0003 --seed 0"),
+    ("judge", "flowgrad demo train --part judge --steps 2 --batch-size 2 --lr 0.001 --seed 0 --blur 0.8"),
+])
+def test_cli_single_process_record_is_unchanged(tmp_path, part, expected):
+    """The record's command reproduces the part (the judge's includes its --blur)."""
     out = tmp_path / "w"
-    result = invoke("flowgrad", "demo", "train", "--part", "flow", "--steps", "2", "--batch-size", "2",
+    result = invoke("flowgrad", "demo", "train", "--part", part, "--steps", "2", "--batch-size", "2",
                     "--device", "cpu", "--out", out)
     assert result.exit_code == 0, (result.stderr, result.exception)
-    record = json.loads((out / "train_flow.json").read_text())
-    assert record["command"] == "flowgrad demo train --part flow --steps 2 --batch-size 2 --lr 0.0003 --seed 0"
+    record = json.loads((out / f"train_{part}.json").read_text())
+    assert record["command"] == expected
     assert record["world_size"] == 1 and record["global_batch_size"] == 2 and "x " not in record["card"][:4]
 
 
@@ -192,18 +197,11 @@ def test_train_clip_and_judge_take_real_steps():
     assert all(torch.isfinite(p).all() for p in judge.model.parameters())
 
 
-def test_judge_blur_augmentation_is_reproducible_and_recorded(tmp_path):
-    """--blur changes what the judge trains on (so its weights), reproducibly, and the record says so."""
+def test_judge_blur_augmentation_is_reproducible():
+    """--blur changes what the judge trains on (so its weights), reproducibly."""
     from flowgrad.demo.train import train_judge
 
     cfg = TrainConfig(steps=2, batch_size=4, warmup=1, seed=3)
     plain, blurred, again = train_judge(cfg), train_judge(cfg, blur=0.8), train_judge(cfg, blur=0.8)
     assert _equal(blurred.model.state_dict(), again.model.state_dict())
     assert not _equal(plain.model.state_dict(), blurred.model.state_dict())
-
-    out = tmp_path / "w"
-    result = invoke("flowgrad", "demo", "train", "--part", "judge", "--steps", "2", "--batch-size", "2",
-                    "--device", "cpu", "--out", out)
-    assert result.exit_code == 0, (result.stderr, result.exception)
-    record = json.loads((out / "train_judge.json").read_text())
-    assert record["command"] == "flowgrad demo train --part judge --steps 2 --batch-size 2 --lr 0.001 --seed 0 --blur 0.8"

@@ -12,13 +12,13 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from ..augment import gaussian_blur
 from ..grid import TimeGrid
 from ..trajectory import integrate
 from .nets import JudgeNet
 from .render import FACTORS, render
 
-__all__ = ["EVAL_SEED", "ZERO_SHOT_ATTRIBUTES", "BLUR_CHECK_SIGMA", "gaussian_blur", "judge_quality",
-           "judge_blur_shift", "judge_features", "frechet_distance", "zero_shot_accuracy", "sample_images",
+__all__ = ["EVAL_SEED", "ZERO_SHOT_ATTRIBUTES", "BLUR_CHECK_SIGMA", "judge_quality", "judge_blur_shift", "judge_features", "frechet_distance", "zero_shot_accuracy", "sample_images",
            "flow_quality", "predict"]
 
 EVAL_SEED = 10**9
@@ -27,27 +27,6 @@ CLEAR_MARGIN = 0.2
 """Zero-shot labels of a continuous factor use only clear cases: |factor - 0.5| >= this margin."""
 BLUR_CHECK_SIGMA = 0.6
 """Blur (px) of the judge's robustness check: about the softness of demo-flow samples around the eyes."""
-
-
-def gaussian_blur(images: Tensor, sigma: Tensor | float, radius: int | None = None) -> Tensor:
-    """Separable Gaussian blur of (n, C, H, W) images with one sigma (px) per image (reflect padding).
-
-    ``sigma`` is a float or an (n,) tensor; sigma 0 leaves an image unchanged. The kernel spans
-    ``2 * radius + 1`` pixels; by default radius = ceil(3 * largest sigma), at least 1.
-    """
-    n, c, h, w = images.shape
-    sigma = torch.as_tensor(sigma, dtype=images.dtype, device=images.device).expand(n)
-    if radius is None:
-        radius = max(1, math.ceil(3 * float(sigma.max())))
-    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
-    kernel = torch.exp(-offsets.square() / (2 * sigma.clamp(min=1e-3).square()[:, None]))
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n*C, K)
-    x = images.reshape(1, n * c, h, w)
-    x = torch.nn.functional.pad(x, (radius, radius, 0, 0), mode="reflect")
-    x = torch.nn.functional.conv2d(x, kernel[:, None, None, :], groups=n * c)
-    x = torch.nn.functional.pad(x, (0, 0, radius, radius), mode="reflect")
-    x = torch.nn.functional.conv2d(x, kernel[:, None, :, None], groups=n * c)
-    return x.reshape(n, c, h, w)
 
 
 @torch.no_grad()

@@ -24,9 +24,8 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..augment import diff_augment
+from ..augment import diff_augment, gaussian_blur
 from .captions import caption
-from .evaluate import gaussian_blur
 from .nets import DemoUNet, JudgeConfig, JudgeNet, UNetConfig
 from .render import FACTORS, render, render_factors, sample_factors
 
@@ -330,9 +329,9 @@ def train_judge(cfg: TrainConfig, device: str | torch.device = "cpu", noise: flo
         images, factors = render(cfg.batch_size, seed=_batch_seed(cfg, step, 2), device=device)
         if blur > 0:
             n = images.shape[0]
-            radius = blur * torch.rand(n, generator=gen, device=device)
-            keep = torch.rand(n, generator=gen, device=device) < 0.5
-            images = gaussian_blur(images, torch.where(keep, torch.zeros_like(radius), radius))
+            sigma_px = blur * torch.rand(n, generator=gen, device=device)
+            keep = torch.rand(n, generator=gen, device=device) < 0.5  # this half stays sharp
+            images = gaussian_blur(images, torch.where(keep, torch.zeros_like(sigma_px), sigma_px))
         sigma = noise * torch.rand(images.shape[0], 1, 1, 1, generator=gen, device=device)
         images = (images + sigma * torch.randn(images.shape, generator=gen, device=device)).clamp(0, 1)
         target = factor_matrix(factors).to(device)
