@@ -47,6 +47,46 @@ def pick_device(spec: str):
     return dev
 
 
+def warm_cuda(device, velocity=None, batch: int = 1):
+    """Pay CUDA's one-time costs on a helper thread while the main thread does other work.
+
+    The first calls of a process on a GPU load cuDNN and cuBLAS, create their handles, pick convolution
+    algorithms and load every kernel the network uses; importing open_clip for the CLIP takes seconds and
+    needs no GPU, so the two overlap. With ``velocity``, the thread runs its forward and its VJP once on
+    random inputs of ``batch`` images (no graphs are captured there). Returns the thread (join it before
+    anything that captures CUDA graphs), or None off CUDA. Errors are left for the main thread to meet
+    with its own message.
+    """
+    import threading
+
+    import torch
+
+    if device.type != "cuda":
+        return None
+
+    def run() -> None:
+        try:
+            with torch.cuda.device(device):
+                if velocity is None:
+                    x = torch.randn(2, 8, 16, 16, device=device, requires_grad=True)
+                    w = torch.randn(8, 8, 3, 3, device=device)
+                    torch.nn.functional.conv2d(x, w, padding=1).square().sum().backward()
+                    return
+                x = torch.randn((batch, *velocity.sample_shape), device=device)
+                t = torch.full((batch,), 0.5, device=device)
+                with torch.no_grad():
+                    velocity(x, t)
+                leaf = x.requires_grad_(True)
+                torch.autograd.grad(velocity(leaf, t), leaf, grad_outputs=torch.ones_like(x))
+                torch.cuda.synchronize(device)
+        except Exception:  # noqa: BLE001 - the main thread reports CUDA problems itself
+            pass
+
+    thread = threading.Thread(target=run, name="flowgrad-cuda-warmup", daemon=True)
+    thread.start()
+    return thread
+
+
 @contextlib.contextmanager
 def progress_callback(total: int, desc: str, unit: str = "step") -> Iterator[Callable]:
     """A tqdm bar driven by ``callback(step, metrics)`` calls from the library."""
@@ -115,6 +155,24 @@ compile_option = click.option(
     "--compile", "compile_model", is_flag=True,
     help="Run the NCSN++ network through torch.compile (GPU: about 1.6x faster edits at 256x256 on an H100; "
          "the first batch of each size compiles for about a minute).")
+
+
+graphs_option = click.option(
+    "--cuda-graphs/--no-cuda-graphs", "cuda_graphs", default=True, show_default=True,
+    help="On a GPU, replay the velocity's forward and VJP as CUDA graphs (same results, less launch "
+         "overhead; ignored on the CPU).")
+
+coarse_option = click.option(
+    "--coarse-forward", is_flag=True,
+    help="Between the first and last forward pass, evaluate the velocity once per straight segment "
+         "(fewer network calls; final images still come from the full N-step ODE).")
+
+
+def maybe_graphed(velocity, device, enabled: bool):
+    """``velocity`` wrapped in CUDA graphs when ``enabled`` and ``device`` is a CUDA device."""
+    from flowgrad.cuda_graphs import GraphedVelocity, graphs_available
+
+    return GraphedVelocity(velocity) if enabled and graphs_available(device) else velocity
 
 
 def model_kwargs(bf16: bool, compile_model: bool = False) -> dict:

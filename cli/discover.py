@@ -9,8 +9,9 @@ from pathlib import Path
 
 import click
 
-from .common import (CliError, bf16_option, compile_option, console, friendly_errors, model_kwargs, pick_device,
-                     precision_name, progress_bar, setup_logging)
+from .common import (CliError, bf16_option, coarse_option, compile_option, console, friendly_errors, graphs_option,
+                     maybe_graphed, model_kwargs, pick_device, precision_name, progress_bar, setup_logging,
+                     warm_cuda)
 
 DEFAULT_STORE = Path("directions.h5")
 
@@ -44,6 +45,8 @@ def _slug(text: str) -> str:
 @click.option("--replicas", type=int, default=4, show_default=True, help="Augmented copies in the CLIP loss.")
 @click.option("--t-window", nargs=2, type=float, default=(0.3, 1.0), show_default=True,
               help="Optimize only controls with t in [T_START, T_END].")
+@coarse_option
+@graphs_option
 @click.option("--preserve", "preserve", multiple=True, metavar="ATTR",
               help="Registry attribute the edit should leave alone (repeatable; default with --attr: its "
                    "registry 'preserve' list). Used when --preserve-weight > 0.")
@@ -63,7 +66,7 @@ def _slug(text: str) -> str:
 @friendly_errors
 def discover_directions(attr, prompt, negative, name, model, model_config, bf16, compile_model, clip, images, n_images,
                         batch_size, n_steps, iterations, lr, optimizer, threshold, alpha, replicas, t_window,
-                        preserve, preserve_weight, aggregator, seed, device, store_path, keep_offsets, resume,
+                        coarse_forward, cuda_graphs, preserve, preserve_weight, aggregator, seed, device, store_path, keep_offsets, resume,
                         verbose) -> None:
     """Discover a global semantic direction with FlowGrad and store it in an HDF5 file.
 
@@ -93,7 +96,8 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
     if preserve_weight > 0 and not keep:
         raise CliError("--preserve-weight needs attributes to preserve: pass --preserve ATTR")
     fg = FlowGradConfig(n_steps=n_steps, iterations=iterations, lr=lr, optimizer=optimizer,
-                        threshold=threshold if threshold > 0 else None, t_window=tuple(t_window))
+                        threshold=threshold if threshold > 0 else None, t_window=tuple(t_window),
+                        coarse_forward=coarse_forward)
     cfg = DiscoveryConfig(name=name, prompt=prompt, negative_prompt=negative or "", model=model, clip=clip,
                           images=str(Path(images).resolve()) if images else None, n_images=n_images,
                           batch_size=batch_size, seed=seed, flowgrad=fg, alpha=alpha, replicas=replicas,
@@ -104,7 +108,12 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
         t0 = time.perf_counter()
         velocity = load_model(model, model_config, device=dev, **model_kwargs(bf16, compile_model))
         cfg = dataclasses.replace(cfg, precision=precision_name(velocity))
+        # CUDA's first-use costs for this network overlap with the CLIP loader's imports
+        warming = warm_cuda(dev, None if compile_model else velocity, min(batch_size, n_images))
         guidance = load_guidance_clip(clip, device=dev)
+        if warming is not None:
+            warming.join()
+        velocity = maybe_graphed(velocity, dev, cuda_graphs)
         with progress_bar(total=cfg.n_images, desc=f"discover {name}", unit="img", disable=rank != 0) as bar:
             def progress(p) -> None:
                 bar.n = p.images_done

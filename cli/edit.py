@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from .common import (bf16_option, compile_option, console, friendly_errors, model_kwargs, pick_device,
-                     precision_name, progress_bar, setup_logging)
+from .common import (bf16_option, coarse_option, compile_option, console, friendly_errors, graphs_option,
+                     maybe_graphed, model_kwargs, pick_device, precision_name, progress_bar, setup_logging)
 
 
 @click.command("edit")
@@ -26,6 +26,8 @@ from .common import (bf16_option, compile_option, console, friendly_errors, mode
 @click.option("--iterations", type=int, default=10, show_default=True)
 @click.option("--lr", type=float, default=None, help="Default: 10 (the paper's) for NCSN++, 1 for the demo.")
 @click.option("--threshold", type=float, default=5e-3, show_default=True)
+@coarse_option
+@graphs_option
 @click.option("--replicas", type=int, default=None, help="Augmented copies (default: 20, demo 4).")
 @click.option("--invert-method", type=click.Choice(["euler", "heun", "fixed-point"]), default="euler",
               show_default=True)
@@ -35,7 +37,7 @@ from .common import (bf16_option, compile_option, console, friendly_errors, mode
 @click.option("-v", "--verbose", is_flag=True)
 @friendly_errors
 def edit(image, prompt, negative, alpha, model, model_config, bf16, compile_model, clip, n_steps, iterations, lr,
-         threshold, replicas, invert_method, seed, device, out_dir, verbose) -> None:
+         threshold, coarse_forward, cuda_graphs, replicas, invert_method, seed, device, out_dir, verbose) -> None:
     """Invert IMAGE, optimize it towards --prompt with FlowGrad, and write original/reconstruct/optimized PNGs
     plus metrics.json."""
     setup_logging(verbose)
@@ -52,6 +54,7 @@ def edit(image, prompt, negative, alpha, model, model_config, bf16, compile_mode
     dev = pick_device(device)
     velocity = load_model(model, model_config, device=dev, **model_kwargs(bf16, compile_model))
     guidance = load_guidance_clip(clip, device=dev)
+    velocity = maybe_graphed(velocity, dev, cuda_graphs)
     timings["load"] = time.perf_counter() - t
     notices: list[str] = []
     original = load_image(Path(image), velocity.sample_shape[-1], notices=notices).unsqueeze(0).to(dev)
@@ -59,7 +62,7 @@ def edit(image, prompt, negative, alpha, model, model_config, bf16, compile_mode
         console(f"notice: {n}")
     demo = model == "demo"
     cfg = FlowGradConfig(n_steps=n_steps, iterations=iterations, lr=lr or (1.0 if demo else 10.0),
-                         threshold=threshold if threshold > 0 else None)
+                         threshold=threshold if threshold > 0 else None, coarse_forward=coarse_forward)
 
     t = time.perf_counter()
     x1 = velocity.from_image(original)
@@ -98,6 +101,7 @@ def edit(image, prompt, negative, alpha, model, model_config, bf16, compile_mode
             "iterations": iterations, "lr": cfg.lr, "threshold": cfg.threshold,
             "precision": precision_name(velocity),
             "compile_backend": getattr(velocity, "compile_backend", None),
+            "coarse_forward": cfg.coarse_forward, "cuda_graphs": hasattr(velocity, "replays"),
             "wall_time_s": {k: round(v, 3) for k, v in timings.items()},
         }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -27,6 +27,7 @@ from torch import Tensor
 import flowgrad
 from flowgrad import FlowGradConfig, TimeGrid, integrate, invert, optimize, reconstruction_error
 from flowgrad.clip_guidance import ClipLoss, clip_score
+from flowgrad.cuda_graphs import GraphedVelocity
 
 from . import distributed as dist
 from .aggregate import Method, aggregate, split_half_cosine
@@ -98,6 +99,8 @@ class DiscoveryConfig:
         object.__setattr__(self, "preserve", tuple((str(p), str(n)) for p, n in self.preserve))
         if self.aggregator == "joint" and self.flowgrad.optimizer != "sgd":
             raise ValueError("--aggregator joint uses SGD on the shared control; drop --optimizer adam")
+        if self.aggregator == "joint" and self.flowgrad.coarse_forward:
+            raise ValueError("--aggregator joint runs its own full forward passes; drop --coarse-forward")
         if self.aggregator == "joint" and self.keep_offsets:
             raise ValueError("--keep-offsets stores per-image controls; --aggregator joint has none "
                              "(it optimizes one shared control)")
@@ -188,6 +191,8 @@ def _run_batch(cfg: DiscoveryConfig, velocity, clip, b: int, device: torch.devic
     try:
         return _optimize_images(cfg, velocity, clip, b, idx, device, load_image, report)
     except _OOM:
+        if isinstance(velocity, GraphedVelocity):  # graphs captured for the failed size hold memory
+            velocity.reset()
         if len(idx) == 1:
             raise RuntimeError(f"out of {device.type.upper()} memory with a single image; free memory, "
                                "use fewer --steps or --device cpu") from None

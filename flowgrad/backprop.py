@@ -72,7 +72,14 @@ def loss_and_adjoint(loss_fn: LossFn, x1: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _vjp(velocity: Velocity, y: Tensor, t: Tensor, lam: Tensor, length: Tensor | float) -> Tensor:
-    """λ + length · (∂v/∂y)ᵀ λ at y: the adjoint of one Euler step of the given time length."""
+    """λ + length · (∂v/∂y)ᵀ λ at y: the adjoint of one Euler step of the given time length.
+
+    A velocity with its own ``vjp(y, t, lam)`` method (e.g. :class:`~flowgrad.cuda_graphs.GraphedVelocity`)
+    computes the product itself.
+    """
+    own = getattr(velocity, "vjp", None)
+    if callable(own):
+        return lam + length * own(y, t, lam)
     y = y.detach().requires_grad_(True)
     with torch.enable_grad():
         v = velocity(y, t)

@@ -11,9 +11,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .backprop import LossFn, backward_sweep, loss_and_adjoint
+from .backprop import LossFn, Segments, backward_sweep, loss_and_adjoint
 from .grid import DEFAULT_EPS, TimeGrid
-from .segments import straightness_segments
+from .segments import Segmentation, straightness_segments
 from .trajectory import check_controls, check_latents, integrate, resolve_grid
 from .velocity import Velocity
 
@@ -36,6 +36,9 @@ class FlowGradConfig:
             straightness: fewer, fuller VJP calls).
         eps: start time of the uniform grid.
         t_window: only controls at steps with t in [t_start, t_end] are optimized (others stay zero).
+        coarse_forward: evaluate the velocity only at the starts of the backward segments in the
+            iterations between the first and the final forward pass (see :func:`optimize`); needs a
+            threshold.
     """
 
     n_steps: int = 100
@@ -46,6 +49,7 @@ class FlowGradConfig:
     segmentation: Literal["per-image", "shared"] = "per-image"
     eps: float = DEFAULT_EPS
     t_window: tuple[float, float] = (0.0, 1.0)
+    coarse_forward: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.n_steps, int) or self.n_steps < 1:
@@ -64,6 +68,9 @@ class FlowGradConfig:
         if not (0.0 <= t0 <= t1 <= 1.0):
             raise ValueError(f"t_window must satisfy 0 <= t_start <= t_end <= 1, got {self.t_window}")
         object.__setattr__(self, "t_window", (float(t0), float(t1)))
+        if self.coarse_forward and self.threshold is None:
+            raise ValueError("coarse_forward needs a straightness threshold (it evaluates the velocity once "
+                             "per backward segment)")
 
     @property
     def grid(self) -> TimeGrid:
@@ -140,10 +147,23 @@ class _Clock:
         return out
 
 
+def _segment_starts(segments: Segments) -> list[int] | Tensor:
+    """Where the backward segments start: shared step indices, or an (N, B) mask for per-image ones."""
+    if segments is None:
+        raise ValueError("coarse_forward needs a straightness threshold")
+    if isinstance(segments, Segmentation):
+        return list(segments.starts)
+    mask = torch.zeros((segments[0].n_steps, len(segments)), dtype=torch.bool)
+    for i, seg in enumerate(segments):
+        mask[list(seg.starts), i] = True
+    return mask
+
+
 def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100, iterations: int = 10,
              lr: float = 10.0, threshold: float | None = 5e-3, *, optimizer: str = "sgd",
              segmentation: str = "per-image", eps: float = DEFAULT_EPS,
-             t_window: tuple[float, float] = (0.0, 1.0), controls: Tensor | None = None,
+             t_window: tuple[float, float] = (0.0, 1.0), coarse_forward: bool = False,
+             controls: Tensor | None = None,
              config: FlowGradConfig | None = None,
              callback: Callable[[IterationInfo], None] | None = None) -> FlowGradResult:
     """Optimize additive controls u_k so the final images minimize ``loss_fn`` (FlowGrad).
@@ -153,11 +173,18 @@ def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100
     pass evaluates the last update, and the best controls seen per image are returned (the original
     code tracked the best but returned the last).
 
+    With ``coarse_forward`` the first pass is a full trajectory whose straightness segmentation is kept
+    for the whole optimization: the passes in between evaluate the velocity only at segment starts
+    (:func:`integrate`'s ``hold``; on a straight stretch one network call stands for the whole stretch)
+    and back-propagate through the same segments, while the final pass, and a re-run of the best
+    controls when a coarse pass produced them, are full trajectories, so the returned images and losses
+    are always those of the full N-step ODE.
+
     Args:
         velocity: v(x, t), x (B, C, H, W), t (B,) in [0, 1].
         z0: (B, C, H, W) latents at t = eps (noise, or inverted images).
         loss_fn: ``loss_fn(x1) -> (B,)`` per-image losses of the final state (data space).
-        n_steps, iterations, lr, threshold, optimizer, segmentation, eps, t_window: see
+        n_steps, iterations, lr, threshold, optimizer, segmentation, eps, t_window, coarse_forward: see
             :class:`FlowGradConfig`; ignored when ``config`` is given.
         controls: (N, B, C, H, W) initial controls (default zeros).
         config: all settings at once.
@@ -168,7 +195,7 @@ def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100
     """
     cfg = config if config is not None else FlowGradConfig(
         n_steps=n_steps, iterations=iterations, lr=lr, threshold=threshold, optimizer=optimizer,  # type: ignore[arg-type]
-        segmentation=segmentation, eps=eps, t_window=t_window)  # type: ignore[arg-type]
+        segmentation=segmentation, eps=eps, t_window=t_window, coarse_forward=coarse_forward)  # type: ignore[arg-type]
     check_latents(z0)
     grid = resolve_grid(cfg.n_steps, cfg.eps)
     check_controls(controls, grid, z0)
@@ -195,9 +222,13 @@ def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100
                 status[i] = f"nonfinite@{it}"
         alive.logical_and_(~bad)
 
+    held: list[int] | Tensor | None = None    # coarse forward: where the velocity is evaluated
+    fixed: Segments = None            # ... and the backward segments of the first pass, reused
     for it in range(cfg.iterations + 1):
+        coarse = held is not None and it < cfg.iterations
         with torch.no_grad():
-            traj = clock.measure("forward", lambda: integrate(velocity, z0, grid, u.detach()))
+            traj = clock.measure("forward", lambda: integrate(velocity, z0, grid, u.detach(),
+                                                              hold=held if coarse else None))
         losses, lam = clock.measure("loss", lambda: loss_and_adjoint(loss_fn, traj.final))
         losses64 = losses.double().cpu()
         history[it] = losses64
@@ -214,14 +245,21 @@ def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100
             best_images[sel] = traj.final[sel]
         segs_this = torch.zeros(b, dtype=torch.long)
         if it < cfg.iterations and alive.any():
-            if cfg.threshold is None:
+            if coarse:
+                segments = fixed
+            elif cfg.threshold is None:
                 segments = None
-                segs_this[:] = grid.n_steps
             elif cfg.segmentation == "shared":
                 segments = straightness_segments(traj, cfg.threshold)
-                segs_this[:] = len(segments)
             else:
                 segments = straightness_segments(traj, cfg.threshold, per_image=True)
+            if cfg.coarse_forward and held is None:
+                fixed, held = segments, _segment_starts(segments)
+            if segments is None:
+                segs_this[:] = grid.n_steps
+            elif isinstance(segments, Segmentation):
+                segs_this[:] = len(segments)
+            else:
                 segs_this[:] = torch.tensor([len(s) for s in segments])
             lam = torch.where(alive.to(lam.device).view(-1, *([1] * (lam.dim() - 1))), lam,
                               torch.zeros_like(lam))
@@ -236,6 +274,16 @@ def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100
         if callback is not None:
             callback(IterationInfo(iteration=it, losses=losses64, best=best_loss.clone(),
                                    n_segments=segs_this, elapsed=time.perf_counter() - clock.start))
+
+    if held is not None:  # the best controls of a coarse pass: their images and losses from a full pass
+        redo = (best_iter > 0) & (best_iter < cfg.iterations)
+        if redo.any():
+            with torch.no_grad():
+                final = clock.measure("forward", lambda: integrate(velocity, z0, grid, best_u,
+                                                                   keep_states=False).final)
+                full_losses = clock.measure("loss", lambda: loss_fn(final)).double().cpu()
+            best_images[redo.nonzero().flatten().to(z0.device)] = final[redo.to(z0.device)]
+            best_loss[redo] = full_losses[redo]
 
     best_loss[torch.isinf(best_loss)] = math.nan
     return FlowGradResult(controls=best_u, images=best_images, best_loss=best_loss, best_iteration=best_iter,

@@ -8,6 +8,7 @@ Step k (k = 0 .. N-1), with control u_k added to the state *before* the step::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -91,8 +92,27 @@ def _sq_norm(v: Tensor) -> Tensor:
     return torch.linalg.vector_norm(v.flatten(1), dim=1, dtype=torch.float64).square()
 
 
+def _hold_mask(hold: Sequence[int] | Tensor, n: int, b: int) -> Tensor:
+    """(N, B) bool CPU mask of the steps where each image's velocity is evaluated."""
+    if isinstance(hold, Tensor):
+        if tuple(hold.shape) != (n, b) or hold.dtype != torch.bool:
+            raise ValueError(f"a hold mask must be a bool tensor of shape (n_steps, B) = ({n}, {b}), "
+                             f"got {hold.dtype} {tuple(hold.shape)}")
+        mask = hold.cpu()
+        if not mask[0].all():
+            raise ValueError("hold must include step 0 for every image")
+        return mask
+    steps = sorted(set(int(k) for k in hold))
+    if not steps or steps[0] != 0 or steps[-1] >= n or steps[0] < 0:
+        raise ValueError(f"hold must include step 0 and lie in [0, {n}), got {steps}")
+    mask = torch.zeros((n, b), dtype=torch.bool)
+    mask[steps] = True
+    return mask
+
+
 def integrate(velocity: Velocity, z0: Tensor, grid: TimeGrid, controls: Tensor | None = None, *,
-              keep_states: bool = True, keep_velocities: bool = False) -> Trajectory:
+              keep_states: bool = True, keep_velocities: bool = False,
+              hold: Sequence[int] | Tensor | None = None) -> Trajectory:
     """Integrate ``z0`` along ``grid`` with optional controls (no autograd graph is built).
 
     Args:
@@ -102,13 +122,21 @@ def integrate(velocity: Velocity, z0: Tensor, grid: TimeGrid, controls: Tensor |
         controls: (N, B, C, H, W) or None.
         keep_states: store all states (needed for backprop); otherwise only x_0 and x_N.
         keep_velocities: also store every velocity (N, B, C, H, W).
+        hold: a coarsened forward: the velocity is evaluated only at these steps (0 must be one) and
+            every other step reuses the last evaluated velocity; the controls still join every step.
+            On a straight stretch this is the full trajectory up to the stretch's bending, at one
+            network call per stretch. Either step indices shared by the batch, or an (N, B) bool mask
+            (per image: at step k only the images with ``hold[k, b]`` are evaluated, as one smaller
+            batch; row 0 must be all True). None: evaluate at every step.
 
     Returns:
-        The trajectory, always with per-image velocity norms for the straightness statistic.
+        The trajectory, always with per-image velocity norms for the straightness statistic (under
+        ``hold`` they describe the held velocities: zero change inside a stretch).
     """
     check_latents(z0)
     check_controls(controls, grid, z0)
     n, b = grid.n_steps, z0.shape[0]
+    mask = None if hold is None else _hold_mask(hold, n, b)
     times = grid.time_tensor(z0.device, z0.dtype)
     states = torch.empty((n + 1 if keep_states else 2, *z0.shape), dtype=z0.dtype, device=z0.device)
     velocities = (torch.empty((n, *z0.shape), dtype=z0.dtype, device=z0.device)
@@ -121,7 +149,13 @@ def integrate(velocity: Velocity, z0: Tensor, grid: TimeGrid, controls: Tensor |
         for k in range(n):
             y = x if controls is None else x + controls[k]
             t = times[k].expand(b)
-            v = check_velocity(velocity, y, t) if k == 0 else velocity(y, t)
+            if k == 0:
+                v = check_velocity(velocity, y, t)
+            elif mask is None or mask[k].all():
+                v = velocity(y, t)
+            elif mask[k].any():  # only the images whose held velocity ends here
+                rows = mask[k].nonzero().flatten().to(y.device)
+                v = v.index_copy(0, rows, velocity(y.index_select(0, rows), t.index_select(0, rows)))
             x = torch.add(y, v, alpha=grid.steps[k])
             if keep_states:
                 states[k + 1] = x

@@ -596,3 +596,21 @@ def test_compile_with_the_demo_flow_is_a_one_line_error(tmp_path):
                     "--out", str(tmp_path / "d.h5"))
     assert_cli_error(result, "torch.compile is for NCSN++ models")
     assert not (tmp_path / "d.h5").exists()
+
+
+def test_discover_coarse_forward_is_recorded_and_needs_a_threshold(base_store, tmp_path):
+    store = tmp_path / "coarse.h5"
+    result = invoke("discover-directions", "--attr", "old", *TINY_DISCOVERY, "--iterations", "3", "--steps", "8",
+                    "--coarse-forward", "--out", store)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    coarse = DirectionStore(store).read("old")
+    assert coarse.settings["flowgrad"]["coarse_forward"] is True
+    assert DirectionStore(base_store).read("old").settings["flowgrad"]["coarse_forward"] is False
+    assert np.isfinite(coarse.vector).all() and np.linalg.norm(coarse.vector) > 0
+    result = invoke("discover-directions", "--attr", "old", *TINY_DISCOVERY, "--coarse-forward", "--threshold",
+                    "0", "--out", tmp_path / "d.h5")
+    assert_cli_error(result, "coarse_forward needs a straightness threshold")
+    result = invoke("discover-directions", "--attr", "old", *TINY_DISCOVERY, "--coarse-forward", "--aggregator",
+                    "joint", "--out", tmp_path / "d.h5")
+    assert_cli_error(result, "drop --coarse-forward")
+    assert not (tmp_path / "d.h5").exists()

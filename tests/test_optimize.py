@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from fields import ConvField
+from fields import ConvField, CountingField
 
 import flowgrad
 from flowgrad import FlowGradConfig
@@ -109,3 +109,30 @@ def test_config_validation():
     z0 = torch.randn(1, 3, 3, 3, dtype=torch.float64)
     res = flowgrad.optimize(field, z0, convex_loss(torch.zeros_like(z0)), config=cfg)
     assert res.config == cfg and res.loss_history.shape == (2, 1)
+
+
+def test_coarse_forward_calls_the_velocity_per_segment_and_returns_full_trajectory_results():
+    field = CountingField(ConvField())
+    z0 = torch.randn(3, 3, 5, 5, dtype=torch.float64)
+    target = torch.randn_like(z0)
+    loss = convex_loss(target)
+    cfg = FlowGradConfig(n_steps=20, iterations=6, lr=0.05, threshold=5e-2, segmentation="shared",
+                         coarse_forward=True)
+    res = flowgrad.optimize(field, z0, loss, config=cfg)
+    segments = int(res.segment_counts[0, 0])
+    assert 1 < segments < 20 and torch.all(res.segment_counts == segments)  # the first pass's, kept
+    plain = field.calls - field.vjp_calls
+    redo = bool(((res.best_iteration > 0) & (res.best_iteration < 6)).any())
+    # full first and final passes, coarse ones in between, one more full pass if a coarse one was best
+    assert plain == 20 * (2 + redo) + 5 * segments
+    assert torch.all(res.best_loss < res.initial_loss * 0.7)
+    # the returned images and losses are those of the full 20-step ODE with the returned controls
+    replay = flowgrad.trajectory(field, z0, 20, res.controls).final
+    assert torch.allclose(replay, res.images, atol=1e-12)
+    assert torch.allclose(loss(res.images), res.best_loss, rtol=1e-10)
+    # and it ends close to the full-forward optimization
+    full = flowgrad.optimize(ConvField(), z0, loss, config=FlowGradConfig(
+        n_steps=20, iterations=6, lr=0.05, threshold=5e-2, segmentation="shared"))
+    assert torch.allclose(res.best_loss, full.best_loss, rtol=0.05)
+    with pytest.raises(ValueError, match="coarse_forward needs a straightness threshold"):
+        FlowGradConfig(threshold=None, coarse_forward=True)

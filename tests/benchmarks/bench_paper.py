@@ -48,6 +48,7 @@ import common as C  # noqa: E402
 from flowgrad import (Segmentation, TimeGrid, backward_sweep, control_gradients, integrate, invert,  # noqa: E402
                       loss_and_adjoint, straightness_segments)
 from flowgrad.clip_guidance import ClipLoss, random_clip  # noqa: E402
+from flowgrad.cuda_graphs import GraphedVelocity  # noqa: E402
 from flowgrad.models.rectified_flow import DEFAULT_PRESET, PRESETS, RectifiedFlowVelocity, build_random  # noqa: E402
 from original_flowgrad import original_inversion, original_optimization, segment_set_from_starts  # noqa: E402
 
@@ -82,23 +83,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.n_steps, args.replicas, args.clip, args.segments = 10, 2, "flowgrad-tiny-clip", "2,3"
-        args.variants, args.micro_batches, args.micro_repeats = "b1-tf32,b2-bf16-cl", "1,2", 1
+        args.micro_batches, args.micro_repeats = "1,2", 1
+        if args.variants == DEFAULT_VARIANTS:
+            args.variants = "b1-tf32,b2-bf16-cl"
     return args
 
 
+SUFFIXES = ("compile", "graphs", "coarse")
+"""Variant suffixes: ``-compile`` torch.compile (inductor); ``-graphs`` CUDA graphs (GraphedVelocity);
+``-coarse`` the coarsened forward (velocity evaluated once per backward segment, ``--coarse-forward``)."""
+
+
 def parse_variant(spec: str) -> dict[str, Any]:
-    """``b16-bf16-cl`` -> {"name", "batch": 16, "precision": "bf16", "channels_last": True, "compiled": False};
-    a ``-compile`` suffix runs the velocity's forward through ``torch.compile``."""
+    """``b16-bf16-cl`` -> {"name", "batch": 16, "precision": "bf16", "channels_last": True, "compiled": False,
+    "graphs": False, "coarse": False}; suffixes (any order, after the precision/cl part): see SUFFIXES."""
     parts = spec.strip().split("-")
-    compiled = parts[-1] == "compile"
-    if compiled:
-        parts = parts[:-1]
+    flags = {k: False for k in SUFFIXES}
+    while parts and parts[-1] in SUFFIXES:
+        flags[parts.pop()] = True
     if len(parts) not in (2, 3) or not parts[0].startswith("b") or not parts[0][1:].isdigit() \
             or parts[1] not in PRECISIONS or (len(parts) == 3 and parts[2] != "cl"):
-        raise SystemExit(f"--variants: cannot parse {spec!r}; expected bB-{{fp32,tf32,bf16}}[-cl][-compile], "
-                         "e.g. b16-bf16-cl")
+        raise SystemExit(f"--variants: cannot parse {spec!r}; expected bB-{{fp32,tf32,bf16}}[-cl][-compile]"
+                         "[-graphs][-coarse], e.g. b16-bf16-cl")
     return {"name": spec.strip(), "batch": int(parts[0][1:]), "precision": parts[1], "channels_last": len(parts) == 3,
-            "compiled": compiled}
+            "compiled": flags["compile"], "graphs": flags["graphs"], "coarse": flags["coarse"]}
 
 
 def model_config(quick: bool) -> Any:
@@ -285,6 +293,9 @@ def bench_variant(models: Models, clip, spec: dict[str, Any], args, device, budg
         row["status"] = "skipped (budget)"
         return row
     velocity = models.velocity(precision, cl, compiled=spec.get("compiled", False))
+    if spec.get("graphs"):
+        velocity = GraphedVelocity(velocity)
+    hold = list(segs[k_head].starts) if spec.get("coarse") else None
     clip_loss = make_clip_loss(clip, velocity, sources[:b], args)
     loss_fn = lambda x: clip_loss(velocity.to_image(x))  # noqa: E731
     x1 = velocity.from_image(sources[:b])
@@ -303,9 +314,12 @@ def bench_variant(models: Models, clip, spec: dict[str, Any], args, device, budg
         u = torch.zeros((n, *z0.shape), device=device)
         other: dict[int, float] = {}
         natural = 0.0
+        if hold is not None:  # a full forward too: the coarse edit's first and final passes are full
+            with timer.phase("full forward"):
+                integrate(velocity, z0, grid, u, keep_states=False)
         for _ in range(args.timed_iterations):
             with timer.phase("forward"):
-                traj = integrate(velocity, z0, grid, u)
+                traj = integrate(velocity, z0, grid, u, hold=hold)
             with timer.phase("loss"):
                 _, lam = loss_and_adjoint(loss_fn, traj.final)
             with timer.phase("segment"):
@@ -328,9 +342,11 @@ def bench_variant(models: Models, clip, spec: dict[str, Any], args, device, budg
         return row
     other, natural, peak = measured
     it = args.timed_iterations
-    per = {k: v / it for k, v in timer.totals.items() if k != "inversion"}
+    per = {k: v / it for k, v in timer.totals.items() if k not in ("inversion", "full forward")}
+    full_forward = timer.totals.get("full forward", per["forward"])
+    n_evals = len(hold) if hold is not None else n
     t_vjp = per["backward"] / k_head
-    if not spec.get("compiled"):
+    if not any(spec.get(k) for k in SUFFIXES):
         cost.add(precision, cl, b, per["forward"] / n, t_vjp)
     backward = {str(k_head): per["backward"], **{str(k): v / it for k, v in other.items()}}
     backward["natural (derived)"] = natural / it * t_vjp
@@ -344,10 +360,15 @@ def bench_variant(models: Models, clip, spec: dict[str, Any], args, device, budg
         backward_s_per_image={k: v / b for k, v in backward.items()},
         iteration_s_per_image={k: v / b for k, v in iteration.items()},
         iteration_images_per_s=b / iteration[str(k_head)],
+        # coarse: the first pass is full, and besides the full final pass a full re-run of the best controls
+        # (when a coarse pass produced them) is counted, i.e. the worst case
         edit_s_per_image_extrapolated={
-            k: (timer.totals["inversion"] + args.iterations * v + per["forward"] + per["loss"]) / b
+            k: (timer.totals["inversion"] + args.iterations * v + full_forward + per["loss"]
+                + (2 * full_forward - per["forward"] if hold is not None else 0.0)) / b
             for k, v in iteration.items()},
-        forward_tflops=b * n * f_fwd / per["forward"] / 1e12,
+        velocity_evaluations_per_forward=n_evals,
+        full_forward_s_per_image=full_forward / b,
+        forward_tflops=b * n_evals * f_fwd / per["forward"] / 1e12,
         vjp_tflops=b * k_head * f_vjp / per["backward"] / 1e12,
         floor_iteration_s_per_image=(n * f_fwd + k_head * f_vjp) / (args.floor_tflops * 1e12),
     )

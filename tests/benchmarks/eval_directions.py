@@ -26,6 +26,7 @@ from directions.discover import DiscoveryConfig, discover, sample_latents  # noq
 from directions.store import DirectionStore  # noqa: E402
 from flowgrad import FlowGradConfig, optimize  # noqa: E402
 from flowgrad.clip_guidance import ClipLoss, clip_score  # noqa: E402
+from flowgrad.cuda_graphs import GraphedVelocity  # noqa: E402
 from flowgrad.demo import world  # noqa: E402
 from flowgrad.demo.registry import load_registry, preserve_pairs  # noqa: E402
 from flowgrad.models import load_guidance_clip, load_model  # noqa: E402
@@ -86,6 +87,12 @@ def main() -> None:
                    help="Seed of the apply-time samples (use another one when tuning settings).")
     p.add_argument("--random-control", action="store_true",
                    help="Also apply a random direction with the same per-step norm (a leakage baseline).")
+    p.add_argument("--threshold", type=float, default=5e-3)
+    p.add_argument("--coarse-forward", action="store_true", help="Discovery and per-image FlowGrad with "
+                   "the coarsened forward (velocity once per backward segment).")
+    p.add_argument("--cuda-graphs", action="store_true", help="Run the velocity through CUDA graphs.")
+    p.add_argument("--per-image-only", action="store_true",
+                   help="Only per-image FlowGrad on the eval images (no direction; implies --per-image).")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = p.parse_args()
@@ -93,6 +100,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     velocity = load_model("demo", device=dev)
+    if args.cuda_graphs:
+        velocity = GraphedVelocity(velocity)
     clip = load_guidance_clip("demo", device=dev)
     registry = load_registry()
     store = DirectionStore(args.store or out / "eval_directions.h5")
@@ -113,21 +122,23 @@ def main() -> None:
                               preserve=keep_pairs(attr), preserve_weight=args.preserve_weight)
         return discover(cfg, velocity, clip, store.path, device=dev)
 
-    fg = FlowGradConfig(n_steps=args.steps, iterations=args.iterations, lr=args.lr, t_window=tuple(args.t_window))
+    fg = FlowGradConfig(n_steps=args.steps, iterations=args.iterations, lr=args.lr, t_window=tuple(args.t_window),
+                        threshold=args.threshold, coarse_forward=args.coarse_forward)
     others = [get_direction(n) for n in args.project_out]
     if others:
         report["project_out"] = list(args.project_out)
     for name in args.attrs:
         attr = registry[name]
-        t0 = time.perf_counter()
-        direction = get_direction(name)
-        t_discover = time.perf_counter() - t0
         z0 = sample_latents(tuple(velocity.sample_shape), args.eval_seed, range(args.eval_images)).to(dev)
-        entry = {"discovery_s": round(t_discover, 2), "split_half_cosine": direction.split_half_cosine,
-                 "scale": direction.scale, "strengths": {}}
+        entry = {"strengths": {}}
+        if not args.per_image_only:
+            t0 = time.perf_counter()
+            direction = get_direction(name)
+            entry.update(discovery_s=round(time.perf_counter() - t0, 2),
+                         split_half_cosine=direction.split_half_cosine, scale=direction.scale)
         before = velocity.to_image(apply_controls(velocity, z0, None, args.steps)).clamp(0, 1)
         jb = world.judge(before)
-        for s in args.strengths:
+        for s in ([] if args.per_image_only else args.strengths):
             t0 = time.perf_counter()
             control = compose_controls([EditSpec(direction, s)], args.steps, project_out=others).to(dev)
             _, after, stats = judged_change(velocity, z0, control, args.steps, attr, before, jb)
@@ -140,18 +151,21 @@ def main() -> None:
                 noise = noise * per_step.view(-1, *([1] * (control.ndim - 1)))
                 _, _, rstats = judged_change(velocity, z0, noise, args.steps, attr, before, jb)
                 entry.setdefault("random_control", {})[str(s)] = rstats
-        if args.per_image:
+        if args.per_image or args.per_image_only:
             keep = keep_pairs(attr) if args.preserve_weight > 0 else ()
             loss = ClipLoss(clip, attr.prompt, negative_prompt=attr.negative_prompt, source=before,
                             alpha=args.alpha, replicas=args.replicas, seed=1, preserve=keep,
                             preserve_weight=args.preserve_weight)
             t0 = time.perf_counter()
             res = optimize(velocity, z0, lambda x: loss(velocity.to_image(x)), config=fg)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
             per_image_s = (time.perf_counter() - t0) / args.eval_images
             edited = velocity.to_image(res.images).clamp(0, 1)
             clip_gain = clip_score(clip, edited, attr.prompt) - clip_score(clip, before, attr.prompt)
             entry["per_image_flowgrad"] = judged_stats(attr, before, edited, jb) | {
-                "s_per_image": per_image_s, "clip_gain": float(clip_gain.mean())}
+                "s_per_image": per_image_s, "clip_gain": float(clip_gain.mean()),
+                "timings": res.timings, "segments_per_iteration": float(res.segment_counts.float().mean())}
         report["attributes"][name] = entry
         print(name, json.dumps(entry, indent=None, default=float)[:600], flush=True)
     (out / "eval_directions.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
@@ -169,7 +183,8 @@ def main() -> None:
         if "per_image_flowgrad" in e:
             pi = e["per_image_flowgrad"]
             print(f"{name:12} {'per-img':>8} {pi['target_gain_mean']:7.3f} {100 * pi['target_moved_right_way']:6.1f}% "
-                  f"{pi['max_other_abs_change']:8.3f} {'':>16} {pi['l1']:6.3f}  {pi['s_per_image']:.3f}s/img")
+                  f"{pi['max_other_abs_change']:8.3f} {'':>16} {pi['l1']:6.3f}  {pi['s_per_image']:.3f}s/img  "
+                  f"CLIP gain {pi['clip_gain']:+.4f}")
 
 
 if __name__ == "__main__":
