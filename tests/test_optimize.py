@@ -133,6 +133,8 @@ def test_coarse_forward_calls_the_velocity_per_segment_and_returns_full_trajecto
     # and it ends close to the full-forward optimization
     full = flowgrad.optimize(ConvField(), z0, loss, config=FlowGradConfig(
         n_steps=20, iterations=6, lr=0.05, threshold=5e-2, segmentation="shared"))
-    assert torch.allclose(res.best_loss, full.best_loss, rtol=0.05)
+    assert abs(res.best_loss.mean() / full.best_loss.mean() - 1) < 0.1
+    assert torch.all(res.best_loss < full.initial_loss * 0.7)
     with pytest.raises(ValueError, match="coarse_forward needs a straightness threshold"):
         FlowGradConfig(threshold=None, coarse_forward=True)
+
