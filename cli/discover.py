@@ -66,8 +66,8 @@ def _slug(text: str) -> str:
 @friendly_errors
 def discover_directions(attr, prompt, negative, name, model, model_config, bf16, compile_model, clip, images, n_images,
                         batch_size, n_steps, iterations, lr, optimizer, threshold, alpha, replicas, t_window,
-                        coarse_forward, cuda_graphs, preserve, preserve_weight, aggregator, seed, device, store_path, keep_offsets, resume,
-                        verbose) -> None:
+                        coarse_forward, cuda_graphs, preserve, preserve_weight, aggregator, seed, device, store_path,
+                        keep_offsets, resume, verbose) -> None:
     """Discover a global semantic direction with FlowGrad and store it in an HDF5 file.
 
     Runs under torchrun too: `torchrun --nproc-per-node K discover-directions ...` shares the batches

@@ -45,6 +45,7 @@ def edit(image, prompt, negative, alpha, model, model_config, bf16, compile_mode
 
     from flowgrad import FlowGradConfig, invert, optimize, reconstruction_error
     from flowgrad.clip_guidance import ClipLoss, clip_score
+    from flowgrad.cuda_graphs import GraphedVelocity
     from flowgrad.models import load_guidance_clip, load_model
 
     from .images import load_image, save_image
@@ -101,7 +102,7 @@ def edit(image, prompt, negative, alpha, model, model_config, bf16, compile_mode
             "iterations": iterations, "lr": cfg.lr, "threshold": cfg.threshold,
             "precision": precision_name(velocity),
             "compile_backend": getattr(velocity, "compile_backend", None),
-            "coarse_forward": cfg.coarse_forward, "cuda_graphs": hasattr(velocity, "replays"),
+            "coarse_forward": cfg.coarse_forward, "cuda_graphs": isinstance(velocity, GraphedVelocity),
             "wall_time_s": {k: round(v, 3) for k, v in timings.items()},
         }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -71,6 +71,17 @@ def loss_and_adjoint(loss_fn: LossFn, x1: Tensor) -> tuple[Tensor, Tensor]:
     return losses.detach(), lam
 
 
+def jt_product(velocity: Velocity, y: Tensor, t: Tensor, lam: Tensor) -> Tensor:
+    """(∂v/∂y)ᵀ λ at ``y`` by autograd through one velocity call; zeros when v does not depend on y."""
+    leaf = y.detach().requires_grad_(True)
+    with torch.enable_grad():
+        v = velocity(leaf, t)
+        if not v.requires_grad:  # v does not depend on x: the Jacobian is zero
+            return torch.zeros_like(lam)
+        (jt_lam,) = torch.autograd.grad(v, leaf, grad_outputs=lam, allow_unused=True)
+    return torch.zeros_like(lam) if jt_lam is None else jt_lam
+
+
 def _vjp(velocity: Velocity, y: Tensor, t: Tensor, lam: Tensor, length: Tensor | float) -> Tensor:
     """λ + length · (∂v/∂y)ᵀ λ at y: the adjoint of one Euler step of the given time length.
 
@@ -78,15 +89,7 @@ def _vjp(velocity: Velocity, y: Tensor, t: Tensor, lam: Tensor, length: Tensor |
     computes the product itself.
     """
     own = getattr(velocity, "vjp", None)
-    if callable(own):
-        return lam + length * own(y, t, lam)
-    y = y.detach().requires_grad_(True)
-    with torch.enable_grad():
-        v = velocity(y, t)
-        if not v.requires_grad:  # v does not depend on x: the Jacobian is zero
-            return lam.clone()
-        (jt_lam,) = torch.autograd.grad(v, y, grad_outputs=lam, allow_unused=True)
-    return lam.clone() if jt_lam is None else lam + length * jt_lam
+    return lam + length * (own(y, t, lam) if callable(own) else jt_product(velocity, y, t, lam))
 
 
 def _as_per_image(segments: Segments, n_steps: int, batch: int) -> Segmentation | list[Segmentation]:

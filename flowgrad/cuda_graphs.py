@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .backprop import jt_product
 from .velocity import Velocity
 
 __all__ = ["GraphedVelocity", "graphs_available"]
@@ -116,7 +117,7 @@ class GraphedVelocity:
             out = self._replay("vjp", (y.detach(), t.expand(y.shape[0]), lam.detach()))
             if out is not None:
                 return out
-        return _eager_vjp(self.velocity, y, t, lam)
+        return jt_product(self.velocity, y, t, lam)
 
     # ------------------------------------------------------------------------------------- capture
 
@@ -147,7 +148,7 @@ class GraphedVelocity:
             y, t, lam = inputs
 
             def run() -> Tensor:
-                return _eager_vjp(velocity, y, t, lam)
+                return jt_product(velocity, y, t, lam)
         return run
 
     def _capture(self, kind: str, args: tuple[Tensor, ...], rows: int) -> _Graph:
@@ -168,13 +169,3 @@ class GraphedVelocity:
         self.captures += 1
         return _Graph(graph=graph, inputs=inputs, output=output)
 
-
-def _eager_vjp(velocity: Velocity, y: Tensor, t: Tensor, lam: Tensor) -> Tensor:
-    """(∂v/∂y)ᵀ λ by autograd; zeros when v does not depend on y."""
-    leaf = y.detach().requires_grad_(True)
-    with torch.enable_grad():
-        v = velocity(leaf, t)
-        if not v.requires_grad:
-            return torch.zeros_like(lam)
-        (jt,) = torch.autograd.grad(v, leaf, grad_outputs=lam, allow_unused=True)
-    return torch.zeros_like(lam) if jt is None else jt

@@ -195,7 +195,8 @@ def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100
     """
     cfg = config if config is not None else FlowGradConfig(
         n_steps=n_steps, iterations=iterations, lr=lr, threshold=threshold, optimizer=optimizer,  # type: ignore[arg-type]
-        segmentation=segmentation, eps=eps, t_window=t_window, coarse_forward=coarse_forward)  # type: ignore[arg-type]
+        segmentation=segmentation, eps=eps, t_window=t_window,  # type: ignore[arg-type]
+        coarse_forward=coarse_forward)
     check_latents(z0)
     grid = resolve_grid(cfg.n_steps, cfg.eps)
     check_controls(controls, grid, z0)
