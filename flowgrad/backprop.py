@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .grid import DEFAULT_EPS
-from .segments import Segmentation
+from .segments import Segmentation, start_mask
 from .trajectory import Trajectory, integrate, resolve_grid
 from .velocity import Velocity
 
@@ -138,10 +138,9 @@ def backward_sweep(velocity: Velocity, traj: Trajectory, lam: Tensor,
             grads[s:s + length] = lam
         return grads, len(plan)
     # Per-image segmentations: at each step, one batched VJP over the images whose segment starts there.
-    starts = torch.zeros((n, b), dtype=torch.bool)
+    starts = start_mask(plan)
     lengths = torch.zeros((n, b), dtype=torch.long)
     for i, seg in enumerate(plan):
-        starts[list(seg.starts), i] = True
         lengths[list(seg.starts), i] = torch.tensor(seg.lengths)
     lam = lam.clone()
     n_calls = 0

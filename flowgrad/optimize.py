@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .backprop import LossFn, Segments, backward_sweep, loss_and_adjoint
 from .grid import DEFAULT_EPS, TimeGrid
-from .segments import Segmentation, straightness_segments
+from .segments import Segmentation, start_mask, straightness_segments
 from .trajectory import check_controls, check_latents, integrate, resolve_grid
 from .velocity import Velocity
 
@@ -147,16 +147,9 @@ class _Clock:
         return out
 
 
-def _segment_starts(segments: Segments) -> list[int] | Tensor:
+def _segment_starts(segments: Segmentation | Sequence[Segmentation]) -> list[int] | Tensor:
     """Where the backward segments start: shared step indices, or an (N, B) mask for per-image ones."""
-    if segments is None:
-        raise ValueError("coarse_forward needs a straightness threshold")
-    if isinstance(segments, Segmentation):
-        return list(segments.starts)
-    mask = torch.zeros((segments[0].n_steps, len(segments)), dtype=torch.bool)
-    for i, seg in enumerate(segments):
-        mask[list(seg.starts), i] = True
-    return mask
+    return list(segments.starts) if isinstance(segments, Segmentation) else start_mask(segments)
 
 
 def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100, iterations: int = 10,

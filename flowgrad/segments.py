@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .trajectory import Trajectory
 
-__all__ = ["Segmentation", "straightness", "straightness_segments", "segment_steps"]
+__all__ = ["Segmentation", "start_mask", "straightness", "straightness_segments", "segment_steps"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,14 @@ class Segmentation:
 
     def __len__(self) -> int:
         return len(self.starts)
+
+
+def start_mask(segments: Sequence[Segmentation]) -> Tensor:
+    """(N, B) bool CPU mask: entry (k, b) is True where image b's segment starts at step k."""
+    mask = torch.zeros((segments[0].n_steps, len(segments)), dtype=torch.bool)
+    for i, seg in enumerate(segments):
+        mask[list(seg.starts), i] = True
+    return mask
 
 
 def straightness(traj: Trajectory) -> Tensor:

@@ -137,6 +137,8 @@ def integrate(velocity: Velocity, z0: Tensor, grid: TimeGrid, controls: Tensor |
     check_controls(controls, grid, z0)
     n, b = grid.n_steps, z0.shape[0]
     mask = None if hold is None else _hold_mask(hold, n, b)
+    rows = (None if mask is None else  # images evaluated at each step of a held forward, on the device
+            [None if mask[k].all() else mask[k].nonzero().flatten().to(z0.device) for k in range(n)])
     times = grid.time_tensor(z0.device, z0.dtype)
     states = torch.empty((n + 1 if keep_states else 2, *z0.shape), dtype=z0.dtype, device=z0.device)
     velocities = (torch.empty((n, *z0.shape), dtype=z0.dtype, device=z0.device)
@@ -151,11 +153,10 @@ def integrate(velocity: Velocity, z0: Tensor, grid: TimeGrid, controls: Tensor |
             t = times[k].expand(b)
             if k == 0:
                 v = check_velocity(velocity, y, t)
-            elif mask is None or mask[k].all():
+            elif rows is None or rows[k] is None:
                 v = velocity(y, t)
-            elif mask[k].any():  # only the images whose held velocity ends here
-                rows = mask[k].nonzero().flatten().to(y.device)
-                v = v.index_copy(0, rows, velocity(y.index_select(0, rows), t.index_select(0, rows)))
+            elif rows[k].numel():  # only the images whose held velocity ends here
+                v = v.index_copy(0, rows[k], velocity(y.index_select(0, rows[k]), t.index_select(0, rows[k])))
             x = torch.add(y, v, alpha=grid.steps[k])
             if keep_states:
                 states[k + 1] = x
