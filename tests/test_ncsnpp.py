@@ -12,13 +12,14 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from flowgrad.models.ncsnpp import NCSNpp, NCSNppConfig
-from flowgrad.models.ncsnpp_layers import downsample_fir, fir_kernel_2d, upsample_fir
+from flowgrad.models.ncsnpp_layers import Resample, downsample_fir, fir_kernel_2d, upsample_fir
 from flowgrad.models.rectified_flow import (
     DEFAULT_PRESET, PRESETS, CheckpointError, CheckpointNotFoundError, RectifiedFlowVelocity, build_random,
     load_config, load_rectified_flow, ncsnpp_from_state_dict,
@@ -513,6 +514,62 @@ def test_fir_up_is_the_adjoint_of_down():
     k = kernel.double()
     # <up(x), y> = 4 <x, down(y)> for a symmetric kernel (up uses gain 4).
     torch.testing.assert_close((upsample_fir(x, k) * y).sum(), 4 * (x * downsample_fir(y, k)).sum())
+
+
+@pytest.mark.parametrize("taps", [[1, 3, 3, 1], [1, 1], [1, 2, 4], [1, 2, 3, 5, 1]])
+def test_separable_fir_matches_upfirdn_reference(taps):
+    """The shifted-slice FIR (what compiled models run) computes upstream's sums, odd kernels included."""
+    x = torch.randn(2, 3, 8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    p = len(taps) - 2
+    up_ref = upfirdn_reference(x, taps, up=2, down=1, pad=((p + 1) // 2 + 1, p // 2), gain=4.0)
+    down_ref = upfirdn_reference(x, taps, up=1, down=2, pad=((p + 1) // 2, p // 2), gain=1.0)
+    up, down = Resample("up", True, taps), Resample("down", True, taps)
+    up.impl = down.impl = "separable"
+    # The conv path's kernel is rounded to float32 (as upstream's); the separable taps are exact.
+    torch.testing.assert_close(up(x), up_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(down(x), down_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_auto_fir_is_conv_eagerly_and_separable_when_compiled():
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    m = Resample("down", True, [1, 3, 3, 1])
+    x = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    calls = []
+    real_conv = F.conv2d
+    with mock.patch.object(F, "conv2d", side_effect=lambda *a, **k: calls.append(1) or real_conv(*a, **k)):
+        eager = m(x)
+    assert m.impl == "auto" and calls, "eagerly, auto runs the depthwise convolution"
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend=record)(x)
+    ops = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert ops and not any("conv" in op for op in ops), ops
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_separable_fir_network_equals_conv_network_with_gradients(ref):
+    field = load_rectified_flow(CKPT, SMALL_CONFIG)
+    net = field.net.double()
+    x = ref["x"][:2].double().requires_grad_(True)
+    time_cond = 999.0 * ref["t"][:2].double()
+    w = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    results = []
+    resamplers = [m for m in net.modules() if isinstance(m, Resample) and m.fir]
+    assert resamplers
+    for impl in ("conv", "separable"):
+        for m in resamplers:
+            m.impl = impl
+        out = net(x, time_cond)
+        results.append((out, *torch.autograd.grad((out * w).sum(), x)))
+    for m in resamplers:
+        m.impl = "auto"
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
 def test_presets_are_valid_configs():
