@@ -8,7 +8,8 @@ variants of ``bench_paper.py``). A config name is ``eager`` or ``compile`` plus 
 ``-bench`` (``torch.backends.cudnn.benchmark = True``: cuDNN times its algorithms per shape instead of
 using its heuristics), ``-sepfir`` / ``-convfir`` (FIR up/down-sampling as separable shifted-slice sums /
 as depthwise convolutions; default: the library's ``auto``, separable only when compiled; the same numbers,
-see ``flowgrad.models.ncsnpp_layers``), ``-cl`` (channels_last weights and inputs), ``-autotune``
+see ``flowgrad.models.ncsnpp_layers``), ``-cl`` (channels_last weights and inputs), ``-forcelayout`` (inductor's
+``force_layout_optimization``: channels_last inside the compiled graph), ``-autotune``
 (``torch.compile(mode="max-autotune-no-cudagraphs")``). Each config: forward and VJP (forward + backward
 w.r.t. the input) at ``--batch``, CUDA events, median of 3, TFLOP/s from torch's FLOP counter. Then, for
 each ``--profile`` config, a ``torch.profiler`` kernel table of one forward + one VJP: GPU time per
@@ -42,17 +43,21 @@ DEPTHWISE = re.compile(r"depthwise|grouped_direct", re.I)
 
 def parse(name: str) -> dict:
     parts = name.split("-")
-    if parts[0] not in ("eager", "compile") or not set(parts[1:]) <= {"bench", "sepfir", "convfir", "autotune", "cl"}:
+    if parts[0] not in ("eager", "compile") or not set(parts[1:]) <= {"bench", "sepfir", "convfir", "autotune", "cl",
+                                                                "forcelayout"}:
         raise SystemExit(f"--configs: cannot parse {name!r} "
-                         "(eager|compile[-bench][-sepfir|-convfir][-cl][-autotune])")
+                         "(eager|compile[-bench][-sepfir|-convfir][-cl][-autotune][-forcelayout])")
     return {"name": name, "compiled": parts[0] == "compile", "bench": "bench" in parts,
             "fir": "separable" if "sepfir" in parts else "conv" if "convfir" in parts else "auto",
-            "autotune": "autotune" in parts, "cl": "cl" in parts}
+            "autotune": "autotune" in parts, "cl": "cl" in parts, "forcelayout": "forcelayout" in parts}
 
 
 def make_velocity(base, cfg: dict) -> RectifiedFlowVelocity:
+    import torch._inductor.config as inductor_config
+
     torch._dynamo.reset()
     torch.backends.cudnn.benchmark = cfg["bench"]
+    inductor_config.force_layout_optimization = cfg["forcelayout"]
     for m in base.net.modules():
         if isinstance(m, layers.Resample):
             m.impl = cfg["fir"]
