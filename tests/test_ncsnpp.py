@@ -544,6 +544,8 @@ def test_auto_fir_is_conv_eagerly_and_separable_when_compiled():
     with mock.patch.object(F, "conv2d", side_effect=lambda *a, **k: calls.append(1) or real_conv(*a, **k)):
         eager = m(x)
     assert m.impl == "auto" and calls, "eagerly, auto runs the depthwise convolution"
+    with pytest.raises(ValueError, match="separable"):
+        m.impl = "seperable"
     torch._dynamo.reset()
     compiled = torch.compile(m, backend=record)(x)
     ops = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]

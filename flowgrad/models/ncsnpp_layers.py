@@ -182,8 +182,18 @@ class Resample(nn.Module):
         self.taps = tuple(float(v) for v in fir_kernel)
         self._kernel = fir_kernel_2d(self.taps) if fir else None
         self._cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-        self.impl = "auto"
+        self._impl = "auto"
+
+    @property
+    def impl(self) -> str:
         """FIR implementation, one of :data:`FIR_IMPLS` (not saved in the state dict)."""
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        if value not in FIR_IMPLS:
+            raise ValueError(f"FIR implementation must be one of {', '.join(FIR_IMPLS)}, got {value!r}")
+        self._impl = value
 
     def _kernel_for(self, x: Tensor) -> Tensor:
         key = (x.device, x.dtype)
