@@ -161,11 +161,6 @@ def _down_1d(x: Tensor, taps: Sequence[float], dim: int) -> Tensor:
     return out
 
 
-def _normalised_taps(taps: Sequence[float]) -> list[float]:
-    total = float(sum(taps))
-    return [float(v) / total for v in taps]
-
-
 class Resample(nn.Module):
     """Parameter-free 2x up- or down-sampling: FIR (``fir=True``) or nearest / 2x2 mean.
 
@@ -181,6 +176,7 @@ class Resample(nn.Module):
         self.fir = fir
         self.taps = tuple(float(v) for v in fir_kernel)
         self._kernel = fir_kernel_2d(self.taps) if fir else None
+        self._taps_1d = tuple(v / sum(self.taps) for v in self.taps) if fir else ()   # separable: outer(t, t)
         self._cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self._impl = "auto"
 
@@ -206,9 +202,8 @@ class Resample(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) -> (B, C, 2H, 2W) up or (B, C, H/2, W/2) down."""
         if self.fir and (self.impl == "separable" or (self.impl == "auto" and torch.compiler.is_compiling())):
-            taps = _normalised_taps(self.taps)
             one_axis = _up_1d if self.direction == "up" else _down_1d
-            return one_axis(one_axis(x, taps, -2), taps, -1)
+            return one_axis(one_axis(x, self._taps_1d, -2), self._taps_1d, -1)
         if self.fir:
             kernel = self._kernel_for(x)
             return upsample_fir(x, kernel) if self.direction == "up" else downsample_fir(x, kernel)
