@@ -13,9 +13,10 @@ see ``flowgrad.models.ncsnpp_layers``), ``-cl`` (channels_last weights and input
 (``torch.compile(mode="max-autotune-no-cudagraphs")``). Each config: forward and VJP (forward + backward
 w.r.t. the input) at ``--batch``, CUDA events, median of 3, TFLOP/s from torch's FLOP counter. Then, for
 each ``--profile`` config, a ``torch.profiler`` kernel table of one forward + one VJP: GPU time per
-kernel, grouped into tensor-core convolutions/matmuls and everything else (normalisation, activations,
-FIR, adds, copies), which gives the bound: at the measured speed of the tensor-core kernels alone, with
-everything else free, what TFLOP/s the network could reach.
+kernel, grouped into tensor-core convolutions/matmuls, cuDNN's NCHW<->NHWC transposes, depthwise FIR
+convolutions and everything else (normalisation, activations, adds, copies), which gives the bound: at the
+measured speed of the tensor-core kernels alone, with everything else free, what TFLOP/s the network could
+reach.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from flowgrad.models.rectified_flow import DEFAULT_PRESET, RectifiedFlowVelocity
 
 TENSOR_CORE = re.compile(r"xmma|gemm|cutlass|implicit|wgmma|sm90|sm80|nhwc|fprop|dgrad|wgrad|conv", re.I)
 DEPTHWISE = re.compile(r"depthwise|grouped_direct", re.I)
+TRANSPOSE = re.compile(r"nchwToNhwc|nhwcToNchw", re.I)   # cuDNN's layout conversions (names contain "nhwc")
 
 
 def parse(name: str) -> dict:
@@ -90,10 +92,13 @@ def kernel_table(v, x, t, lam, top: int) -> dict:
             k[0] += e.device_time_total / 1e6 if hasattr(e, "device_time_total") else e.cuda_time_total / 1e6
             k[1] += 1
     total = sum(s for s, _ in kernels.values())
-    groups = {"tensor-core conv/matmul": 0.0, "depthwise/direct conv (FIR)": 0.0, "other": 0.0}
+    groups = {"tensor-core conv/matmul": 0.0, "cuDNN layout transposes": 0.0, "depthwise conv (FIR)": 0.0,
+              "other": 0.0}
     for name, (s, _) in kernels.items():
-        if DEPTHWISE.search(name):
-            groups["depthwise/direct conv (FIR)"] += s
+        if TRANSPOSE.search(name):
+            groups["cuDNN layout transposes"] += s
+        elif DEPTHWISE.search(name):
+            groups["depthwise conv (FIR)"] += s
         elif TENSOR_CORE.search(name) and not name.startswith("triton"):
             groups["tensor-core conv/matmul"] += s
         else:
