@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from flowgrad.models.ncsnpp import NCSNpp, NCSNppConfig
-from flowgrad.models.ncsnpp_layers import Resample, downsample_fir, fir_kernel_2d, upsample_fir
+from flowgrad.models.ncsnpp_layers import GroupNorm, Resample, downsample_fir, fir_kernel_2d, upsample_fir
 from flowgrad.models.rectified_flow import (
     DEFAULT_PRESET, PRESETS, CheckpointError, CheckpointNotFoundError, RectifiedFlowVelocity, build_random,
     load_config, load_rectified_flow, ncsnpp_from_state_dict,
@@ -599,3 +599,75 @@ def test_compiled_velocity_matches_eager_forward_and_vjp():
     torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="compile_backend"):
         load_rectified_flow(CKPT, SMALL_CONFIG, compile_backend="")
+
+
+def _group_norm_calls(m: GroupNorm, x: torch.Tensor, **autocast) -> tuple[torch.Tensor, list[tuple]]:
+    """m(x) under CPU autocast (when given), recording each F.group_norm call's dtypes and autocast state."""
+    calls = []
+    real = F.group_norm
+
+    def spy(inp, groups, weight=None, bias=None, eps=1e-5):
+        calls.append((inp.dtype, weight.dtype, torch.is_autocast_enabled("cpu")))
+        return real(inp, groups, weight, bias, eps)
+
+    with mock.patch.object(F, "group_norm", side_effect=spy), torch.autocast("cpu", **autocast):
+        return m(x), calls
+
+
+def test_group_norm_keeps_bf16_under_autocast_eagerly():
+    """keep_half: a bf16 input under autocast is normalised with autocast off and bf16 affine parameters
+    (CUDA autocast would otherwise run it in float32), its value that of float32 GroupNorm rounded to bf16;
+    float32 inputs, keep_half=False and code traced by torch.compile take nn.GroupNorm's own path."""
+    gen = torch.Generator().manual_seed(3)
+    m = GroupNorm(4, 16, eps=1e-6)
+    with torch.no_grad():
+        m.weight.copy_(1 + 0.3 * torch.randn(16, generator=gen))
+        m.bias.copy_(0.3 * torch.randn(16, generator=gen))
+    assert isinstance(m, torch.nn.GroupNorm) and set(m.state_dict()) == {"weight", "bias"}
+    x = (2 + 3 * torch.randn(2, 16, 8, 8, generator=gen)).bfloat16()
+    out, calls = _group_norm_calls(m, x, dtype=torch.bfloat16)
+    assert calls == [(torch.bfloat16, torch.bfloat16, False)] and out.dtype == torch.bfloat16
+    expected = F.group_norm(x.float(), 4, m.weight, m.bias, 1e-6)
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+    m.keep_half = False
+    _, calls = _group_norm_calls(m, x, dtype=torch.bfloat16)
+    assert calls == [(torch.bfloat16, torch.float32, True)]
+    m.keep_half = True
+    out32, calls = _group_norm_calls(m, x.float(), dtype=torch.bfloat16)
+    assert calls == [(torch.float32, torch.float32, True)]
+    _, calls = _group_norm_calls(m, x, enabled=False)
+    assert calls == [(torch.bfloat16, torch.float32, False)]
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.compile(m, backend=record)(x)
+    nodes = [n for g in graphs for n in g.graph.nodes]
+    assert any("group_norm" in str(n.target) for n in nodes)
+    assert not any(n.op == "call_method" and n.target == "to" for n in nodes), "compiled: nn.GroupNorm's path"
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast runs group_norm in float32; needs a GPU")
+def test_group_norm_bf16_under_cuda_autocast_keeps_gradients():
+    net = load_rectified_flow(CKPT, SMALL_CONFIG).net.cuda()
+    x = torch.randn(2, 16, 8, 8, device="cuda").bfloat16()
+    gn = GroupNorm(4, 16).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert gn(x).dtype == torch.bfloat16
+        gn.keep_half = False
+        assert gn(x).dtype == torch.float32
+    fp32 = RectifiedFlowVelocity(net)
+    bf16 = RectifiedFlowVelocity(net, autocast_dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn((2, *fp32.sample_shape), generator=gen).cuda()
+    t = torch.full((2,), 0.4, device="cuda")
+    grads = []
+    for v in (fp32, bf16):
+        leaf = z.clone().requires_grad_(True)
+        grads.append(torch.autograd.grad(v(leaf, t).square().sum(), leaf)[0].flatten(1))
+    assert F.cosine_similarity(*grads, dim=1).min().item() >= 0.999

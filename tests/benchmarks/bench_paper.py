@@ -50,6 +50,7 @@ from flowgrad import (Segmentation, TimeGrid, backward_sweep, control_gradients,
                       loss_and_adjoint, straightness_segments)
 from flowgrad.clip_guidance import ClipLoss, random_clip  # noqa: E402
 from flowgrad.cuda_graphs import GraphedVelocity  # noqa: E402
+from flowgrad.models.ncsnpp_layers import GroupNorm  # noqa: E402
 from flowgrad.models.rectified_flow import DEFAULT_PRESET, PRESETS, RectifiedFlowVelocity, build_random  # noqa: E402
 from original_flowgrad import original_inversion, original_optimization, segment_set_from_starts  # noqa: E402
 
@@ -90,9 +91,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-SUFFIXES = ("compile", "graphs", "coarse")
+SUFFIXES = ("compile", "graphs", "coarse", "gn32")
 """Variant suffixes: ``-compile`` torch.compile (inductor); ``-graphs`` CUDA graphs (GraphedVelocity);
-``-coarse`` the coarsened forward (velocity evaluated once per backward segment, ``--coarse-forward``)."""
+``-coarse`` the coarsened forward (velocity evaluated once per backward segment, ``--coarse-forward``);
+``-gn32`` GroupNorm in float32 under bf16 autocast, as plain autocast does (the library keeps it in bf16:
+``ncsnpp_layers.GroupNorm.keep_half``)."""
 
 
 def parse_variant(spec: str) -> dict[str, Any]:
@@ -105,9 +108,9 @@ def parse_variant(spec: str) -> dict[str, Any]:
     if len(parts) not in (2, 3) or not parts[0].startswith("b") or not parts[0][1:].isdigit() \
             or parts[1] not in PRECISIONS or (len(parts) == 3 and parts[2] != "cl"):
         raise SystemExit(f"--variants: cannot parse {spec!r}; expected bB-{{fp32,tf32,bf16}}[-cl][-compile]"
-                         "[-graphs][-coarse], e.g. b16-bf16-cl")
+                         "[-graphs][-coarse][-gn32], e.g. b16-bf16-cl")
     return {"name": spec.strip(), "batch": int(parts[0][1:]), "precision": parts[1], "channels_last": len(parts) == 3,
-            "compiled": flags["compile"], "graphs": flags["graphs"], "coarse": flags["coarse"]}
+            "compiled": flags["compile"], "graphs": flags["graphs"], "coarse": flags["coarse"], "gn32": flags["gn32"]}
 
 
 def model_config(quick: bool) -> Any:
@@ -127,10 +130,15 @@ class Models:
         self.net = base.net
         self.channels_last = False
 
-    def velocity(self, precision: str, channels_last: bool, compiled: bool = False) -> RectifiedFlowVelocity:
+    def velocity(self, precision: str, channels_last: bool, compiled: bool = False,
+                 gn32: bool = False) -> RectifiedFlowVelocity:
         """Set TF32 for ``precision``, convert the weights' memory format, wrap with autocast if bf16;
-        ``compiled``: the wrapper's forward goes through ``torch.compile`` (compiled on first use)."""
+        ``compiled``: the wrapper's forward goes through ``torch.compile`` (compiled on first use);
+        ``gn32``: GroupNorm in float32 under autocast (the library's default keeps bf16 inputs in bf16)."""
         C.set_tf32(precision != "fp32")
+        for m in self.net.modules():
+            if isinstance(m, GroupNorm):
+                m.keep_half = not gn32
         if channels_last != self.channels_last:
             self.net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             self.channels_last = channels_last
@@ -293,7 +301,7 @@ def bench_variant(models: Models, clip, spec: dict[str, Any], args, device, budg
     if not budget.allows(estimate, f"variant {spec['name']}"):
         row["status"] = "skipped (budget)"
         return row
-    velocity = models.velocity(precision, cl, compiled=spec.get("compiled", False))
+    velocity = models.velocity(precision, cl, compiled=spec.get("compiled", False), gn32=spec.get("gn32", False))
     if spec.get("graphs"):
         velocity = GraphedVelocity(velocity)
     hold = list(segs[k_head].starts) if spec.get("coarse") else None
@@ -433,7 +441,7 @@ def bench_apply(models: Models, args, device, budget: C.Budget, cost: CostModel,
     if not budget.allows(8 * n * fwd + 1.0, "apply"):
         return {"status": "skipped (budget)"}
     # The same velocity as the variant's edit (compiled / graphed alike: compiled code is reused).
-    velocity = models.velocity(precision, cl, compiled=best.get("compiled", False))
+    velocity = models.velocity(precision, cl, compiled=best.get("compiled", False), gn32=best.get("gn32", False))
     if best.get("graphs"):
         velocity = GraphedVelocity(velocity)
     gen = torch.Generator().manual_seed(args.seed + 2)

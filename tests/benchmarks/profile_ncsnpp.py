@@ -10,8 +10,11 @@ using its heuristics), ``-sepfir`` / ``-convfir`` (FIR up/down-sampling as separ
 as depthwise convolutions; default: the library's ``auto``, separable only when compiled; the same numbers,
 see ``flowgrad.models.ncsnpp_layers``), ``-cl`` (channels_last weights and inputs), ``-forcelayout`` (inductor's
 ``force_layout_optimization``: channels_last inside the compiled graph), ``-autotune``
-(``torch.compile(mode="max-autotune-no-cudagraphs")``). Each config: forward and VJP (forward + backward
-w.r.t. the input) at ``--batch``, CUDA events, median of 3, TFLOP/s from torch's FLOP counter. Then, for
+(``torch.compile(mode="max-autotune-no-cudagraphs")``), ``-gn32`` (GroupNorm in float32 as plain
+autocast does, instead of the library's bf16-in/bf16-out ``GroupNorm.keep_half``). Each config: forward
+and VJP (forward + backward w.r.t. the input) at ``--batch``, CUDA events, median of 3, TFLOP/s from torch's
+FLOP counter, and the smallest per-image cosine of its input gradient to strict float32 (eager, no TF32;
+first 4 images). Then, for
 each ``--profile`` config, a ``torch.profiler`` kernel table of one forward + one VJP: GPU time per
 kernel, grouped into tensor-core convolutions/matmuls, cuDNN's NCHW<->NHWC transposes, depthwise FIR
 convolutions and everything else (normalisation, activations, adds, copies), which gives the bound: at the
@@ -46,12 +49,13 @@ TRANSPOSE = re.compile(r"nchwToNhwc|nhwcToNchw", re.I)   # cuDNN's layout conver
 def parse(name: str) -> dict:
     parts = name.split("-")
     if parts[0] not in ("eager", "compile") or not set(parts[1:]) <= {"bench", "sepfir", "convfir", "autotune", "cl",
-                                                                "forcelayout"}:
+                                                                "forcelayout", "gn32"}:
         raise SystemExit(f"--configs: cannot parse {name!r} "
-                         "(eager|compile[-bench][-sepfir|-convfir][-cl][-autotune][-forcelayout])")
+                         "(eager|compile[-bench][-sepfir|-convfir][-cl][-autotune][-forcelayout][-gn32])")
     return {"name": name, "compiled": parts[0] == "compile", "bench": "bench" in parts,
             "fir": "separable" if "sepfir" in parts else "conv" if "convfir" in parts else "auto",
-            "autotune": "autotune" in parts, "cl": "cl" in parts, "forcelayout": "forcelayout" in parts}
+            "autotune": "autotune" in parts, "cl": "cl" in parts, "forcelayout": "forcelayout" in parts,
+            "gn32": "gn32" in parts}
 
 
 def make_velocity(base, cfg: dict) -> RectifiedFlowVelocity:
@@ -63,12 +67,25 @@ def make_velocity(base, cfg: dict) -> RectifiedFlowVelocity:
     for m in base.net.modules():
         if isinstance(m, layers.Resample):
             m.impl = cfg["fir"]
+        if isinstance(m, layers.GroupNorm):
+            m.keep_half = not cfg["gn32"]
     base.net.to(memory_format=torch.channels_last if cfg["cl"] else torch.contiguous_format)
     v = RectifiedFlowVelocity(base.net, name=base.name, autocast_dtype=torch.bfloat16, channels_last=cfg["cl"])
     if cfg["compiled"]:
         mode = "max-autotune-no-cudagraphs" if cfg["autotune"] else None
         v._call = torch.compile(v._run, mode=mode)
     return v
+
+
+def fp32_input_gradient(base, x, t, lam) -> torch.Tensor:
+    """Input gradient of the network in strict float32 (eager, TF32 off): the precision reference."""
+    v = RectifiedFlowVelocity(base.net, name=base.name)
+    C.set_tf32(False)
+    try:
+        leaf = x.detach().requires_grad_(True)
+        return torch.autograd.grad(v(leaf, t), leaf, grad_outputs=lam)[0].detach()
+    finally:
+        C.set_tf32(True)
 
 
 def kernel_table(v, x, t, lam, top: int) -> dict:
@@ -131,6 +148,7 @@ def main() -> None:
     lam = torch.randn(x.shape, generator=gen).to(device)
     results = {"device": info, "batch": args.batch, "flops": flops, "configs": [], "profiles": {}}
     reference = None
+    strict = fp32_input_gradient(base, x[:4], t[:4], lam[:4])
     for name in args.configs.split(","):
         cfg = parse(name)
         if time.perf_counter() - start > args.budget_seconds * (0.55 if cfg["compiled"] else 0.85):
@@ -154,15 +172,16 @@ def main() -> None:
         if reference is None:
             reference = (out, g)
         rel = [((a - b).norm() / b.norm()).item() for a, b in zip((out, g), reference)]
+        cos = torch.nn.functional.cosine_similarity(g[:4].flatten(1), strict.flatten(1), dim=1).min().item()
         tf = C.median(C.time_cuda(forward, device, 3))
         tv = C.median(C.time_cuda(vjp, device, 3))
         row = {"name": name, "first_call_s": first, "forward_s": tf, "vjp_s": tv,
                "forward_tflops": args.batch * flops[0] / tf / 1e12, "vjp_tflops": args.batch * flops[1] / tv / 1e12,
-               "rel_diff_forward": rel[0], "rel_diff_vjp": rel[1]}
+               "rel_diff_forward": rel[0], "rel_diff_vjp": rel[1], "min_grad_cosine_to_fp32": cos}
         results["configs"].append(row)
         print(f"{name:28s} forward {tf * 1e3:7.1f} ms {row['forward_tflops']:6.1f} TFLOP/s | VJP {tv * 1e3:7.1f} ms "
-              f"{row['vjp_tflops']:6.1f} TFLOP/s | first call {first:5.1f} s | rel. diff to {args.configs.split(',')[0]}"
-              f" {rel[0]:.1e} / {rel[1]:.1e}", flush=True)
+              f"{row['vjp_tflops']:6.1f} TFLOP/s | first call {first:5.1f} s | rel. diff to "
+              f"{args.configs.split(',')[0]} {rel[0]:.1e} / {rel[1]:.1e} | grad cos to fp32 {cos:.5f}", flush=True)
         if name in args.profile.split(","):
             table = kernel_table(v, x, t, lam, args.top)
             results["profiles"][name] = table
