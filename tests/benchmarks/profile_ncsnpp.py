@@ -16,9 +16,9 @@ and VJP (forward + backward w.r.t. the input) at ``--batch``, CUDA events, media
 FLOP counter, and the smallest per-image cosine of its input gradient to strict float32 (eager, no TF32;
 first 4 images). Then, for each ``--profile`` config, a ``torch.profiler`` kernel table of one forward +
 one VJP: GPU time per kernel, grouped into tensor-core convolutions/matmuls, cuDNN's NCHW<->NHWC
-transposes, depthwise FIR convolutions and everything else (normalisation, activations, adds, copies), which gives the bound: at the
-measured speed of the tensor-core kernels alone, with everything else free, what TFLOP/s the network could
-reach.
+transposes, depthwise FIR convolutions and everything else (normalisation, activations, adds, copies),
+which gives the bound: at the measured speed of the tensor-core kernels alone, with everything else free,
+what TFLOP/s the network could reach.
 """
 
 from __future__ import annotations
