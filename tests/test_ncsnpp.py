@@ -9,6 +9,7 @@ small model and of the paper's CelebA-HQ 256 model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -530,13 +531,25 @@ def test_separable_fir_matches_upfirdn_reference(taps):
     torch.testing.assert_close(down(x), down_ref, rtol=1e-6, atol=1e-6)
 
 
-def test_auto_fir_is_conv_eagerly_and_separable_when_compiled():
+def _traced(module, x: torch.Tensor, **autocast) -> tuple[torch.Tensor, list]:
+    """module(x) through torch.compile with a backend that records the traced FX graphs (optionally under CPU
+    autocast): the output and every traced node."""
     graphs = []
 
     def record(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
+    torch._dynamo.reset()
+    try:
+        with torch.autocast("cpu", **autocast) if autocast else contextlib.nullcontext():
+            out = torch.compile(module, backend=record)(x)
+    finally:
+        torch._dynamo.reset()
+    return out, [n for g in graphs for n in g.graph.nodes]
+
+
+def test_auto_fir_is_conv_eagerly_and_separable_when_compiled():
     m = Resample("down", True, [1, 3, 3, 1])
     x = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(1))
     calls = []
@@ -546,12 +559,10 @@ def test_auto_fir_is_conv_eagerly_and_separable_when_compiled():
     assert m.impl == "auto" and calls, "eagerly, auto runs the depthwise convolution"
     with pytest.raises(ValueError, match="separable"):
         m.impl = "seperable"
-    torch._dynamo.reset()
-    compiled = torch.compile(m, backend=record)(x)
-    ops = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    compiled, nodes = _traced(m, x)
+    ops = [str(n.target) for n in nodes if n.op == "call_function"]
     assert ops and not any("conv" in op for op in ops), ops
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
-    torch._dynamo.reset()
 
 
 def test_separable_fir_network_equals_conv_network_with_gradients(ref):
@@ -633,23 +644,13 @@ def test_group_norm_keeps_bf16_under_autocast_eagerly():
     _, calls = _group_norm_calls(m, x, dtype=torch.bfloat16)
     assert calls == [(torch.bfloat16, torch.float32, True)]
     m.keep_half = True
-    out32, calls = _group_norm_calls(m, x.float(), dtype=torch.bfloat16)
+    _, calls = _group_norm_calls(m, x.float(), dtype=torch.bfloat16)
     assert calls == [(torch.float32, torch.float32, True)]
     _, calls = _group_norm_calls(m, x, enabled=False)
     assert calls == [(torch.bfloat16, torch.float32, False)]
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        torch.compile(m, backend=record)(x)
-    nodes = [n for g in graphs for n in g.graph.nodes]
+    _, nodes = _traced(m, x, dtype=torch.bfloat16)
     assert any("group_norm" in str(n.target) for n in nodes)
     assert not any(n.op == "call_method" and n.target == "to" for n in nodes), "compiled: nn.GroupNorm's path"
-    torch._dynamo.reset()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast runs group_norm in float32; needs a GPU")
