@@ -50,12 +50,12 @@ def apply_directions(images, store_path, attrs, strength, project_out, samples, 
     setup_logging(verbose)
     import torch
 
-    from directions.apply import EditSpec, apply_controls, check_compatible, compose_controls
+    from directions.apply import EditSpec, apply_controls, check_compatible, compose_controls, first_active_step
     from directions.store import DirectionStore
     from flowgrad.models import load_model
 
     from .images import make_grid, save_image
-    from .sources import load_sources
+    from .sources import load_sources, rmse_list
 
     t0 = time.perf_counter()
     edits = parse_edits(attrs, strength)
@@ -67,12 +67,21 @@ def apply_directions(images, store_path, attrs, strength, project_out, samples, 
     for d in [e.direction for e in specs] + removed:
         check_compatible(d, velocity, force=force)
     steps = n_steps or specs[0].direction.n_steps
-    src = load_sources(velocity, images, samples, seed, steps, dev, invert_method)
     control = compose_controls(specs, steps, removed).to(dev)
+    eps = specs[0].direction.eps
+    # Before its first active step (the direction's window start) the edit is the unedited trajectory:
+    # both branch from the state there (real images are inverted down to it only).
+    start = min(first_active_step(control), steps - 1)
+    src = load_sources(velocity, images, samples, seed, steps, dev, invert_method, start_step=start, eps=eps,
+                       reconstruct=False)
     with torch.no_grad():
-        eps = specs[0].direction.eps
-        before = velocity.to_image(apply_controls(velocity, src.z0, None, steps, eps)).clamp(0, 1)
-        after = velocity.to_image(apply_controls(velocity, src.z0, control, steps, eps)).clamp(0, 1)
+        before_x = apply_controls(velocity, src.z0, None, steps, eps, start_step=start)
+        after = velocity.to_image(apply_controls(velocity, src.z0, control, steps, eps,
+                                                 start_step=start)).clamp(0, 1)
+        before = velocity.to_image(before_x).clamp(0, 1)
+        if src.originals is not None:  # the unedited branch is the reconstruction
+            src.reconstruction_rmse = rmse_list((before_x - velocity.from_image(src.originals))
+                                                .flatten(1).square().mean(1).sqrt())
     out_dir.mkdir(parents=True, exist_ok=True)
     for label, b, a in zip(src.labels, before, after):
         save_image(b, out_dir / f"{label}_before.png")
@@ -83,7 +92,7 @@ def apply_directions(images, store_path, attrs, strength, project_out, samples, 
     applied: dict[str, float] = {}
     for name, s in edits:  # a name given twice is applied twice: report the summed strength
         applied[name] = applied.get(name, 0.0) + s
-    report = {"edits": applied, "project_out": list(project_out), "n_steps": steps,
+    report = {"edits": applied, "project_out": list(project_out), "n_steps": steps, "branch_step": start,
               "images": src.labels, "reconstruction_rmse": src.reconstruction_rmse,
               "l1_change": (after - before).abs().flatten(1).mean(1).tolist(),
               "seconds": round(time.perf_counter() - t0, 2)}

@@ -18,7 +18,7 @@ class Sources:
     """Latents to edit and what they came from.
 
     Attributes:
-        z0: (B, C, H, W) latents.
+        z0: (B, C, H, W) latents (the states at the requested step).
         originals: (B, 3, H, W) the real images in [0, 1], or None for samples.
         labels: file names or ``sample-<i>``.
         reconstruction_rmse: per-image inversion error (data space), or None for samples.
@@ -33,9 +33,17 @@ class Sources:
 
 
 def load_sources(velocity, images: tuple[str, ...], samples: int | None, seed: int, n_steps: int,
-                 device: torch.device, invert_method: str = "euler") -> Sources:
+                 device: torch.device, invert_method: str = "euler", *, start_step: int = 0,
+                 eps: float = 1e-3, reconstruct: bool = True) -> Sources:
+    """Latents of the images to edit: states at step ``start_step`` of the N-step grid (default: t = eps).
+
+    Samples are integrated from their seeded noise up to that step; real images are inverted from t = 1
+    down to it only (a shorter round trip than to t = eps and back). ``reconstruct=False`` leaves the
+    reconstruction error to the caller (who regenerates the images anyway); it is then None.
+    """
+    from directions.apply import uncontrolled_state
     from directions.discover import sample_latents
-    from flowgrad import invert, reconstruction_error
+    from flowgrad import TimeGrid, invert, reconstruction_error
 
     if images and samples:
         raise CliError("give image files or --samples K, not both")
@@ -45,6 +53,7 @@ def load_sources(velocity, images: tuple[str, ...], samples: int | None, seed: i
         if samples < 1:
             raise CliError(f"--samples must be >= 1, got {samples}")
         z0 = sample_latents(tuple(velocity.sample_shape), seed, range(samples)).to(device)
+        z0 = uncontrolled_state(velocity, z0, n_steps, start_step, eps)
         return Sources(z0, None, [f"sample-{i}" for i in range(samples)], None, [])
     notices: list[str] = []
     size = velocity.sample_shape[-1]
@@ -53,10 +62,18 @@ def load_sources(velocity, images: tuple[str, ...], samples: int | None, seed: i
     except ValueError as exc:
         raise CliError(str(exc)) from None
     x1 = velocity.from_image(originals)
-    z0 = invert(velocity, x1, n_steps, method=invert_method)
-    _, rmse = reconstruction_error(velocity, x1, z0, n_steps)
-    return Sources(z0, originals, _unique_labels([Path(p).stem for p in images]),
-                   [float(r) if math.isfinite(float(r)) else float("nan") for r in rmse.cpu()], notices)
+    grid = TimeGrid.uniform(n_steps, eps).sub(start_step)
+    z0 = invert(velocity, x1, grid, method=invert_method)
+    labels = _unique_labels([Path(p).stem for p in images])
+    if not reconstruct:
+        return Sources(z0, originals, labels, None, notices)
+    _, rmse = reconstruction_error(velocity, x1, z0, grid)
+    return Sources(z0, originals, labels, rmse_list(rmse), notices)
+
+
+def rmse_list(rmse: Tensor) -> list[float]:
+    """Per-image RMSE as floats (NaN for a non-finite value)."""
+    return [float(r) if math.isfinite(float(r)) else float("nan") for r in rmse.cpu()]
 
 
 def _unique_labels(stems: list[str]) -> list[str]:

@@ -40,7 +40,7 @@ def plot_sweep(images, store_path, attr, strengths, samples, seed, n_steps, mode
 
     from directions.apply import check_compatible
     from directions.store import DirectionStore
-    from directions.sweep import parse_strengths, sweep
+    from directions.sweep import parse_strengths, sweep, sweep_start
     from flowgrad.models import load_guidance_clip, load_model
 
     from .images import make_grid
@@ -55,14 +55,17 @@ def plot_sweep(images, store_path, attr, strengths, samples, seed, n_steps, mode
     velocity = load_model(spec, model_config, device=dev)
     check_compatible(direction, velocity, force=force)
     steps = n_steps or direction.n_steps
-    src = load_sources(velocity, images, samples, seed, steps, dev)
+    start = sweep_start(direction, steps, removed)
+    src = load_sources(velocity, images, samples, seed, steps, dev, start_step=start, eps=direction.eps,
+                       reconstruct=False)
     guidance = load_guidance_clip(clip or direction.clip or "demo", device=dev)
     judge = None
     if spec == "demo":
         from flowgrad.demo import world
 
         judge = world.judge
-    result = sweep(velocity, src.z0, direction, values, steps, clip=guidance, judge=judge, project_out=removed)
+    result = sweep(velocity, src.z0, direction, values, steps, clip=guidance, judge=judge, project_out=removed,
+                   start_step=start)
 
     n_img = result.images.shape[1]
     grid = make_grid(result.images.transpose(0, 1).reshape(-1, *result.images.shape[2:]), nrow=len(values),

@@ -14,7 +14,8 @@ from flowgrad.velocity import VelocityField
 
 from .store import Direction
 
-__all__ = ["resample_steps", "compose_controls", "apply_controls", "check_compatible", "EditSpec"]
+__all__ = ["resample_steps", "compose_controls", "apply_controls", "check_compatible", "EditSpec",
+           "first_active_step", "uncontrolled_state"]
 
 
 def resample_steps(vector: Tensor, n_steps: int) -> Tensor:
@@ -95,10 +96,40 @@ def check_compatible(direction: Direction, velocity: VelocityField, *, force: bo
                          "pass --force to apply it anyway")
 
 
+def first_active_step(control: Tensor | None) -> int:
+    """Index of the first step at which ``control`` (N, ...) is nonzero anywhere; 0 for None and N for all-zero.
+
+    Before that step a controlled trajectory and the unedited one coincide, so edits of the same latents
+    can branch there (a direction discovered in a time window [t_start, t_end] starts at t_start).
+    """
+    if control is None:
+        return 0
+    active = control.flatten(1).ne(0).any(dim=1).nonzero()
+    return int(active[0]) if active.numel() else int(control.shape[0])
+
+
+@torch.no_grad()
+def uncontrolled_state(velocity, z0: Tensor, n_steps: int, step: int, eps: float = 1e-3) -> Tensor:
+    """(B, C, H, W) the state x_step of the unedited trajectory from the latents ``z0`` (z0 for step 0)."""
+    if step == 0:
+        return z0
+    return integrate(velocity, z0, TimeGrid.uniform(n_steps, eps).sub(0, step), keep_states=False).final
+
+
 @torch.no_grad()
 def apply_controls(velocity, z0: Tensor, control: Tensor | None, n_steps: int,
-                   eps: float = 1e-3) -> Tensor:
-    """Final states x_N (B, C, H, W) of trajectories from ``z0`` with the same control for every image."""
+                   eps: float = 1e-3, *, start_step: int = 0) -> Tensor:
+    """Final states x_N (B, C, H, W) of trajectories with the same control for every image.
+
+    ``z0`` is the state at step ``start_step`` of the N-step grid (by default the latents at t = eps),
+    e.g. from :func:`uncontrolled_state` or an inversion down to that step; the control's rows before
+    ``start_step`` must then be zero (see :func:`first_active_step`).
+    """
     grid = TimeGrid.uniform(n_steps, eps)
-    controls = None if control is None else control.to(z0).unsqueeze(1).expand(n_steps, *z0.shape)
+    if start_step:
+        if control is not None and first_active_step(control) < start_step:
+            raise ValueError(f"the control is nonzero before step {start_step}, where these trajectories start")
+        grid = grid.sub(start_step)
+        control = None if control is None else control[start_step:]
+    controls = None if control is None else control.to(z0).unsqueeze(1).expand(grid.n_steps, *z0.shape)
     return integrate(velocity, z0, grid, controls, keep_states=False).final

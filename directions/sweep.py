@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .apply import EditSpec, apply_controls, compose_controls
+from .apply import EditSpec, apply_controls, compose_controls, first_active_step, uncontrolled_state
 from .store import Direction
 
 __all__ = ["SweepResult", "parse_strengths", "sweep"]
@@ -52,18 +52,31 @@ class SweepResult:
 def sweep(velocity, z0: Tensor, direction: Direction, strengths: Sequence[float], n_steps: int, *,
           clip=None, prompt: str | None = None,
           judge: Callable[[Tensor], dict[str, Tensor]] | None = None,
-          project_out: Sequence[Direction] = ()) -> SweepResult:
-    """Apply ``direction`` at every strength to the latents ``z0`` (B, C, H, W)."""
+          project_out: Sequence[Direction] = (), start_step: int | None = None) -> SweepResult:
+    """Apply ``direction`` at every strength to the latents ``z0`` (B, C, H, W).
+
+    Every strength follows the unedited trajectory up to the direction's first active step, so that
+    stretch is integrated once. With ``start_step`` given, ``z0`` already is the state at that step (e.g.
+    real images inverted down to it; see :func:`sweep_start`).
+    """
     from flowgrad.clip_guidance import clip_score
 
-    unedited = velocity.to_image(apply_controls(velocity, z0, None, n_steps, direction.eps)).clamp(0, 1)
+    controls = {s: compose_controls([EditSpec(direction, float(s))], n_steps, project_out).to(z0.device)
+                for s in strengths if s != 0}
+    if start_step is None:
+        start = min([first_active_step(c) for c in controls.values()] + [n_steps - 1])
+        branch = uncontrolled_state(velocity, z0, n_steps, start, direction.eps)
+    else:
+        start, branch = start_step, z0
+    unedited = velocity.to_image(apply_controls(velocity, branch, None, n_steps, direction.eps,
+                                                start_step=start)).clamp(0, 1)
     images = []
     for s in strengths:
         if s == 0:
             images.append(unedited)
             continue
-        control = compose_controls([EditSpec(direction, float(s))], n_steps, project_out).to(z0.device)
-        images.append(velocity.to_image(apply_controls(velocity, z0, control, n_steps, direction.eps)).clamp(0, 1))
+        images.append(velocity.to_image(apply_controls(velocity, branch, controls[s], n_steps, direction.eps,
+                                                       start_step=start)).clamp(0, 1))
     stack = torch.stack(images)
     metrics: dict[str, np.ndarray] = {
         "l1": (stack - unedited).abs().flatten(2).mean(2).cpu().numpy()}
@@ -74,3 +87,9 @@ def sweep(velocity, z0: Tensor, direction: Direction, strengths: Sequence[float]
         for name in judged[0]:
             metrics[name] = np.stack([j[name].cpu().numpy() for j in judged])
     return SweepResult(strengths=[float(s) for s in strengths], images=stack.cpu(), metrics=metrics)
+
+
+def sweep_start(direction: Direction, n_steps: int, project_out: Sequence[Direction] = ()) -> int:
+    """The step where a sweep of ``direction`` branches off the unedited trajectory (its first active step)."""
+    control = compose_controls([EditSpec(direction, 1.0)], n_steps, project_out)
+    return min(first_active_step(control), n_steps - 1)

@@ -114,7 +114,7 @@ def _as_per_image(segments: Segments, n_steps: int, batch: int) -> Segmentation 
 
 
 def backward_sweep(velocity: Velocity, traj: Trajectory, lam: Tensor,
-                   segments: Segments = None) -> tuple[Tensor, int]:
+                   segments: Segments = None, *, stop: int = 0) -> tuple[Tensor, int]:
     """Back-propagate λ_N through the trajectory to every control.
 
     Args:
@@ -122,6 +122,9 @@ def backward_sweep(velocity: Velocity, traj: Trajectory, lam: Tensor,
         traj: forward trajectory with all states kept.
         lam: (B, C, H, W) ∂L/∂x_N.
         segments: None (exact), a shared :class:`Segmentation`, or one per image.
+        stop: only the gradients of steps ``>= stop`` are wanted (e.g. a time window's first step):
+            the sweep ends with the segment that contains step ``stop``, and the rows below it are
+            zero. The wanted rows equal those of a full sweep.
 
     Returns:
         gradients (N, B, C, H, W) and the number of VJP calls.
@@ -129,14 +132,20 @@ def backward_sweep(velocity: Velocity, traj: Trajectory, lam: Tensor,
     grid, n, b = traj.grid, traj.n_steps, lam.shape[0]
     if traj.states.shape[0] != n + 1:
         raise ValueError("backward_sweep needs a trajectory that kept all states")
+    if isinstance(stop, bool) or not isinstance(stop, int) or not 0 <= stop <= n:
+        raise ValueError(f"stop must be an int in [0, {n}], got {stop!r}")
     times = grid.time_tensor(lam.device, lam.dtype)
-    grads = torch.empty((n, *lam.shape), dtype=lam.dtype, device=lam.device)
+    grads = (torch.empty if stop == 0 else torch.zeros)((n, *lam.shape), dtype=lam.dtype, device=lam.device)
     plan = _as_per_image(segments, n, b)
     if isinstance(plan, Segmentation):
+        calls = 0
         for s, length in zip(reversed(plan.starts), reversed(plan.lengths)):
+            if s + length <= stop:
+                break
             lam = _vjp(velocity, traj.step_input(s), times[s].expand(b), lam, grid.segment_length(s, length))
-            grads[s:s + length] = lam
-        return grads, len(plan)
+            grads[max(s, stop):s + length] = lam
+            calls += 1
+        return grads, calls
     # Per-image segmentations: at each step, one batched VJP over the images whose segment starts there.
     starts = start_mask(plan)
     lengths = torch.zeros((n, b), dtype=torch.long)
@@ -145,7 +154,7 @@ def backward_sweep(velocity: Velocity, traj: Trajectory, lam: Tensor,
     lam = lam.clone()
     n_calls = 0
     for k in reversed(range(n)):
-        idx = starts[k].nonzero().flatten().tolist()
+        idx = [i for i in starts[k].nonzero().flatten().tolist() if k + int(lengths[k, i]) > stop]
         if not idx:
             continue
         span = torch.tensor([grid.segment_length(k, int(lengths[k, i])) for i in idx],
@@ -155,7 +164,7 @@ def backward_sweep(velocity: Velocity, traj: Trajectory, lam: Tensor,
         lam_sel = _vjp(velocity, y, times[k].expand(len(idx)), lam.index_select(0, sel), span)
         lam.index_copy_(0, sel, lam_sel)
         for j, i in enumerate(idx):
-            grads[k:k + int(lengths[k, i]), i] = lam_sel[j]
+            grads[max(k, stop):k + int(lengths[k, i]), i] = lam_sel[j]
         n_calls += 1
     return grads, n_calls
 

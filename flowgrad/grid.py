@@ -68,6 +68,18 @@ class TimeGrid:
         """Time of the final state x_N: ``times[-1] + steps[-1]``, capped at 1 (1.0 on the uniform grid)."""
         return min(1.0, self.times[-1] + self.steps[-1])
 
+    def sub(self, start: int, stop: int | None = None) -> TimeGrid:
+        """The grid of steps ``start .. stop-1`` (same times and step sizes); at least one step."""
+        n = self.n_steps
+        stop = n if stop is None else stop
+        if not 0 <= start < stop <= n:
+            raise ValueError(f"sub-grid steps must satisfy 0 <= start < stop <= {n}, got {start}, {stop}")
+        return TimeGrid(times=self.times[start:stop], steps=self.steps[start:stop])
+
+    def first_step_at(self, t: float) -> int:
+        """Index of the first step whose evaluation time is ``>= t`` (``n_steps`` if none)."""
+        return next((k for k, tk in enumerate(self.times) if tk >= t), self.n_steps)
+
     def segment_length(self, start: int, length: int) -> float:
         """Total time advanced by steps ``start .. start+length-1``."""
         return math.fsum(self.steps[start:start + length])

@@ -194,7 +194,12 @@ def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100
     grid = resolve_grid(cfg.n_steps, cfg.eps)
     check_controls(controls, grid, z0)
     b = z0.shape[0]
-    window = grid.window_mask(*cfg.t_window).to(z0.device).view(-1, *([1] * z0.dim()))
+    in_window = grid.window_mask(*cfg.t_window)
+    window = in_window.to(z0.device).view(-1, *([1] * z0.dim()))
+    # Steps before the window keep zero controls: their stretch of trajectory is the same in every pass,
+    # so it is integrated once, and the backward sweep ends where the window begins (exact either way).
+    first = int(in_window.nonzero()[0]) if in_window.any() else grid.n_steps
+    prefix_grid = grid.sub(0, first) if 0 < first < grid.n_steps else None
     u = (torch.zeros((grid.n_steps, *z0.shape), dtype=z0.dtype, device=z0.device) if controls is None
          else controls.detach().clone()) * window
     u.requires_grad_(True)
@@ -209,6 +214,10 @@ def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100
     alive = torch.ones(b, dtype=torch.bool)           # images whose loss and gradients are finite
     status = ["ok"] * b
     clock = _Clock(z0.device)
+    prefix = None
+    if prefix_grid is not None:
+        with torch.no_grad():
+            prefix = clock.measure("forward", lambda: integrate(velocity, z0, prefix_grid))
 
     def freeze(bad: Tensor, it: int) -> None:
         for i in bad.nonzero().flatten().tolist():
@@ -222,7 +231,8 @@ def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100
         coarse = held is not None and it < cfg.iterations
         with torch.no_grad():
             traj = clock.measure("forward", lambda: integrate(velocity, z0, grid, u.detach(),
-                                                              hold=held if coarse else None))
+                                                              hold=held if coarse else None,
+                                                              prefix=None if coarse else prefix))
         losses, lam = clock.measure("loss", lambda: loss_and_adjoint(loss_fn, traj.final))
         losses64 = losses.double().cpu()
         history[it] = losses64
@@ -257,7 +267,8 @@ def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100
                 segs_this[:] = torch.tensor([len(s) for s in segments])
             lam = torch.where(alive.to(lam.device).view(-1, *([1] * (lam.dim() - 1))), lam,
                               torch.zeros_like(lam))
-            grads, _ = clock.measure("backward", lambda: backward_sweep(velocity, traj, lam, segments))
+            grads, _ = clock.measure("backward", lambda: backward_sweep(velocity, traj, lam, segments,
+                                                                                stop=first))
             freeze(~torch.isfinite(grads).flatten(2).all(2).all(0).cpu(), it)
             keep = alive.to(z0.device).view(1, -1, *([1] * (z0.dim() - 1)))
             u.grad = torch.where(keep, grads, torch.zeros_like(grads)) * window

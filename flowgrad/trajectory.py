@@ -31,6 +31,8 @@ class Trajectory:
         velocities: (N, B, C, H, W) v(y_k, t_k), or None when not kept.
         velocity_sq_norms: (N, B) ||v_k||^2 per image (always kept; float64).
         velocity_diff_sq_norms: (N-1, B) ||v_{k+1} - v_k||^2 per image (always kept; float64).
+        last_velocity: (B, C, H, W) the last step's velocity v_{N-1} (set by :func:`integrate`), which a
+            trajectory continuing this one needs for its first straightness statistic.
     """
 
     grid: TimeGrid
@@ -39,6 +41,7 @@ class Trajectory:
     velocities: Tensor | None
     velocity_sq_norms: Tensor
     velocity_diff_sq_norms: Tensor
+    last_velocity: Tensor | None = None
 
     @property
     def final(self) -> Tensor:
@@ -112,7 +115,7 @@ def _hold_mask(hold: Sequence[int] | Tensor, n: int, b: int) -> Tensor:
 
 def integrate(velocity: Velocity, z0: Tensor, grid: TimeGrid, controls: Tensor | None = None, *,
               keep_states: bool = True, keep_velocities: bool = False,
-              hold: Sequence[int] | Tensor | None = None) -> Trajectory:
+              hold: Sequence[int] | Tensor | None = None, prefix: Trajectory | None = None) -> Trajectory:
     """Integrate ``z0`` along ``grid`` with optional controls (no autograd graph is built).
 
     Args:
@@ -128,6 +131,11 @@ def integrate(velocity: Velocity, z0: Tensor, grid: TimeGrid, controls: Tensor |
             network call per stretch. Either step indices shared by the batch, or an (N, B) bool mask
             (per image: at step k only the images with ``hold[k, b]`` are evaluated, as one smaller
             batch; row 0 must be all True). None: evaluate at every step.
+        prefix: the uncontrolled trajectory of the grid's first K steps from the same ``z0`` (e.g.
+            ``integrate(velocity, z0, grid.sub(0, K))``, all states kept). Its states and statistics are
+            copied and integration resumes at step K, so the result is the one a full integration gives
+            when ``controls[:K]`` are zero, which is required (a time window that starts later: the steps
+            before it are the same in every pass and need computing once). Not with ``hold``.
 
     Returns:
         The trajectory, always with per-image velocity norms for the straightness statistic (under
@@ -136,6 +144,7 @@ def integrate(velocity: Velocity, z0: Tensor, grid: TimeGrid, controls: Tensor |
     check_latents(z0)
     check_controls(controls, grid, z0)
     n, b = grid.n_steps, z0.shape[0]
+    start = 0 if prefix is None else _check_prefix(prefix, grid, z0, controls, hold, keep_states)
     mask = None if hold is None else _hold_mask(hold, n, b)
     rows = (None if mask is None else  # images evaluated at each step of a held forward, on the device
             [None if mask[k].all() else mask[k].nonzero().flatten().to(z0.device) for k in range(n)])
@@ -147,8 +156,18 @@ def integrate(velocity: Velocity, z0: Tensor, grid: TimeGrid, controls: Tensor |
     diff_sq = torch.empty((max(n - 1, 0), b), dtype=torch.float64, device=z0.device)
     states[0] = z0
     x, v_prev = z0, None
+    if prefix is not None:
+        states[:start + 1] = prefix.states
+        sq_norms[:start] = prefix.velocity_sq_norms
+        diff_sq[:start - 1] = prefix.velocity_diff_sq_norms
+        x, v_prev = prefix.final, prefix.last_velocity
+        if velocities is not None:
+            if prefix.velocities is None:
+                raise ValueError("keep_velocities=True needs a prefix that kept its velocities")
+            velocities[:start] = prefix.velocities
+    v = v_prev
     with torch.no_grad():
-        for k in range(n):
+        for k in range(start, n):
             y = x if controls is None else x + controls[k]
             t = times[k].expand(b)
             if k == 0:
@@ -169,7 +188,28 @@ def integrate(velocity: Velocity, z0: Tensor, grid: TimeGrid, controls: Tensor |
         if not keep_states:
             states[1] = x
     return Trajectory(grid=grid, states=states, controls=controls, velocities=velocities,
-                      velocity_sq_norms=sq_norms, velocity_diff_sq_norms=diff_sq)
+                      velocity_sq_norms=sq_norms, velocity_diff_sq_norms=diff_sq, last_velocity=v)
+
+
+def _check_prefix(prefix: Trajectory, grid: TimeGrid, z0: Tensor, controls: Tensor | None,
+                  hold: object, keep_states: bool) -> int:
+    """Validate a prefix trajectory for :func:`integrate`; returns its number of steps K."""
+    k = prefix.n_steps
+    if hold is not None:
+        raise ValueError("a prefix cannot be combined with hold=")
+    if prefix.last_velocity is None:
+        raise ValueError("the prefix must come from integrate() (it needs its last velocity)")
+    if not keep_states:
+        raise ValueError("integrate(prefix=...) keeps all states; pass keep_states=True")
+    if k >= grid.n_steps or prefix.grid.times != grid.times[:k] or prefix.grid.steps != grid.steps[:k]:
+        raise ValueError(f"the prefix must cover the first K < {grid.n_steps} steps of the grid")
+    if prefix.states.shape[0] != k + 1 or prefix.states.shape[1:] != z0.shape or prefix.controls is not None:
+        raise ValueError("the prefix must be an uncontrolled trajectory of the same batch with all states kept")
+    if not torch.equal(prefix.states[0], z0):
+        raise ValueError("the prefix starts from another z0")
+    if controls is not None and bool(controls[:k].any()):
+        raise ValueError(f"controls of the first {k} steps must be zero when a prefix covers them")
+    return k
 
 
 def trajectory(velocity: Velocity, z0: Tensor, n_steps: int | TimeGrid, controls: Tensor | None = None,

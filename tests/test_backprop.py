@@ -205,3 +205,49 @@ def test_bad_arguments_give_clear_errors():
         control_gradients(field, z0, None, loss, 5, segments=Segmentation.uniform(4))
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         control_gradients(field, z0[0], None, loss, 5)
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_backward_sweep_with_stop_equals_the_full_sweep_from_that_step_on(per_image):
+    field = CountingField(ConvField())
+    grid = flowgrad.TimeGrid.uniform(16)
+    z0 = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    controls = 0.1 * torch.randn(16, *z0.shape, dtype=torch.float64)
+    traj = flowgrad.integrate(field, z0, grid, controls)
+    lam = torch.randn_like(z0)
+    segments = flowgrad.straightness_segments(traj, 5e-3, per_image=per_image)
+    full, n_full = flowgrad.backward_sweep(field, traj, lam, segments)
+    for stop in (0, 5, 11, 16):
+        part, n_part = flowgrad.backward_sweep(field, traj, lam, segments, stop=stop)
+        torch.testing.assert_close(part[stop:], full[stop:], rtol=0, atol=0)
+        assert torch.all(part[:stop] == 0)
+        assert n_part <= n_full and (stop != 16 or n_part == 0)
+    assert flowgrad.backward_sweep(field, traj, lam, segments, stop=5)[1] < n_full
+    with pytest.raises(ValueError, match="stop must be an int"):
+        flowgrad.backward_sweep(field, traj, lam, segments, stop=17)
+
+
+def test_integrate_resumes_from_an_uncontrolled_prefix_exactly():
+    field = ConvField()
+    grid = flowgrad.TimeGrid.uniform(12)
+    z0 = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    controls = 0.1 * torch.randn(12, *z0.shape, dtype=torch.float64)
+    controls[:4] = 0
+    full = flowgrad.integrate(field, z0, grid, controls, keep_velocities=True)
+    prefix = flowgrad.integrate(field, z0, grid.sub(0, 4), keep_velocities=True)
+    resumed = flowgrad.integrate(field, z0, grid, controls, keep_velocities=True, prefix=prefix)
+    for name in ("states", "velocities", "velocity_sq_norms", "velocity_diff_sq_norms", "last_velocity"):
+        assert torch.equal(getattr(resumed, name), getattr(full, name)), name
+    bad = controls.clone()
+    bad[2] = 1.0
+    with pytest.raises(ValueError, match="controls of the first 4 steps must be zero"):
+        flowgrad.integrate(field, z0, grid, bad, prefix=prefix)
+    with pytest.raises(ValueError, match="another z0"):
+        flowgrad.integrate(field, z0 + 1, grid, controls, prefix=prefix)
+    with pytest.raises(ValueError, match="must cover the first K < 13 steps"):
+        flowgrad.integrate(field, z0, flowgrad.TimeGrid.uniform(13), None, prefix=prefix)
+    with pytest.raises(ValueError, match="hold"):
+        flowgrad.integrate(field, z0, grid, controls, prefix=prefix, hold=[0, 6])
+    assert grid.sub(4).times == grid.times[4:] and grid.first_step_at(0.5) == 6
+    with pytest.raises(ValueError, match="sub-grid"):
+        grid.sub(5, 5)

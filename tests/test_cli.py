@@ -436,6 +436,20 @@ def test_apply_directions_inverts_real_images(store, rendered, tmp_path):
     rmse = metrics["reconstruction_rmse"]
     assert len(rmse) == 3 and all(0 <= r < 0.5 for r in rmse) and rmse[0] == pytest.approx(rmse[1])
     assert png(out / "grid.png").shape == (3 * 130 + 2, 3 * 130 + 2, 3)  # originals, before, after
+    # inverted down to the direction's first step (t >= 0.3: step 2 of 4) only, and the reported error is
+    # that shorter round trip's, which lands closer than inverting to t = eps and back
+    from cli.images import load_image
+    from flowgrad import TimeGrid, invert, reconstruction_error
+    from flowgrad.models import load_model
+
+    assert metrics["branch_step"] == 2
+    velocity = load_model("demo")
+    x1 = velocity.from_image(load_image(rendered["square"], 64).unsqueeze(0))
+    with torch.no_grad():
+        tail = TimeGrid.uniform(4).sub(2)
+        _, part = reconstruction_error(velocity, x1, invert(velocity, x1, tail), tail)
+        _, full = reconstruction_error(velocity, x1, invert(velocity, x1, 4), 4)
+    assert rmse[0] == pytest.approx(float(part), rel=1e-4) and float(part) < float(full)
 
 
 def test_edit_writes_the_three_images_and_metrics(rendered, tmp_path):

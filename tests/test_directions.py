@@ -17,7 +17,8 @@ from torch import nn
 
 import flowgrad
 from directions.aggregate import METHODS, aggregate, natural_scale, split_half_cosine
-from directions.apply import EditSpec, apply_controls, check_compatible, compose_controls, resample_steps
+from directions.apply import EditSpec, apply_controls, check_compatible, compose_controls, first_active_step, \
+    resample_steps, uncontrolled_state
 from directions.discover import BatchProgress, DiscoveryConfig, discover, partial_dir
 from directions.store import Direction, DirectionStore
 from directions.sweep import parse_strengths, sweep
@@ -320,6 +321,23 @@ def test_apply_controls_matches_integrate_with_a_constant_control():
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(apply_controls(field, z0, None, 5),
                                integrate(field, z0, TimeGrid.uniform(5), keep_states=False).final)
+
+
+def test_edits_branch_off_the_unedited_trajectory_at_their_first_active_step():
+    field = tiny_field(2)
+    z0 = 0.1 * torch.randn(2, 3, 8, 8)
+    control = 0.01 * torch.randn(6, 3, 8, 8)
+    control[:2] = 0
+    assert first_active_step(control) == 2 and first_active_step(None) == 0
+    assert first_active_step(torch.zeros(6, 3, 8, 8)) == 6
+    branch = uncontrolled_state(field, z0, 6, 2)
+    torch.testing.assert_close(branch, integrate(field, z0, TimeGrid.uniform(6), keep_states=True).states[2],
+                               rtol=0, atol=0)
+    for c in (control, None):
+        torch.testing.assert_close(apply_controls(field, branch, c, 6, start_step=2),
+                                   apply_controls(field, z0, c, 6), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="nonzero before step 3"):
+        apply_controls(field, uncontrolled_state(field, z0, 6, 3), control, 6, start_step=3)
 
 
 def test_sweep_strength_zero_is_the_unedited_image_and_edits_scale_linearly():

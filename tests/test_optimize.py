@@ -138,3 +138,40 @@ def test_coarse_forward_calls_the_velocity_per_segment_and_returns_full_trajecto
     with pytest.raises(ValueError, match="coarse_forward needs a straightness threshold"):
         FlowGradConfig(threshold=None, coarse_forward=True)
 
+
+
+def _reference_flowgrad(field, z0, loss, n_steps, iterations, lr, threshold, t_window):
+    """The FlowGrad loop written plainly: full trajectory and full backward sweep every pass."""
+    grid = flowgrad.TimeGrid.uniform(n_steps)
+    mask = grid.window_mask(*t_window).view(-1, 1, 1, 1, 1).to(z0.dtype)
+    u = torch.zeros((n_steps, *z0.shape), dtype=z0.dtype)
+    best_loss = torch.full((z0.shape[0],), math.inf, dtype=torch.float64)
+    best_u = u.clone()
+    for it in range(iterations + 1):
+        traj = flowgrad.integrate(field, z0, grid, u)
+        losses, lam = flowgrad.loss_and_adjoint(loss, traj.final)
+        better = losses.double() < best_loss
+        best_loss[better] = losses.double()[better]
+        best_u[:, better] = u[:, better]
+        if it < iterations:
+            segments = flowgrad.straightness_segments(traj, threshold, per_image=True)
+            grads, _ = flowgrad.backward_sweep(field, traj, lam, segments)
+            u = u - lr * grads * mask
+    return best_u, best_loss
+
+
+@pytest.mark.parametrize("t_window", [(0.35, 1.0), (0.2, 0.7)])
+def test_steps_before_a_late_window_are_integrated_once_and_not_swept(t_window):
+    z0 = torch.randn(3, 3, 5, 5, dtype=torch.float64)
+    loss = convex_loss(torch.randn_like(z0))
+    field = CountingField(ConvField())
+    res = flowgrad.optimize(field, z0, loss, n_steps=20, iterations=4, lr=0.05, threshold=5e-3,
+                            t_window=t_window)
+    ref_field = CountingField(ConvField())
+    ref_u, ref_loss = _reference_flowgrad(ref_field, z0, loss, 20, 4, 0.05, 5e-3, t_window)
+    torch.testing.assert_close(res.controls, ref_u, rtol=0, atol=1e-13)
+    torch.testing.assert_close(res.best_loss, ref_loss, rtol=1e-13, atol=0)
+    first = int(flowgrad.TimeGrid.uniform(20).window_mask(*t_window).nonzero()[0])
+    assert field.calls - field.vjp_calls == first + 5 * (20 - first)  # the prefix once, then 5 passes
+    assert ref_field.calls - ref_field.vjp_calls == 5 * 20
+    assert field.vjp_calls < ref_field.vjp_calls  # segments wholly before the window are not swept
