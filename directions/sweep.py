@@ -12,7 +12,7 @@ from torch import Tensor
 from .apply import EditSpec, apply_controls, compose_controls, first_active_step, uncontrolled_state
 from .store import Direction
 
-__all__ = ["SweepResult", "parse_strengths", "sweep"]
+__all__ = ["SweepResult", "parse_strengths", "sweep", "sweep_start"]
 
 
 def parse_strengths(spec: str) -> list[float]:
@@ -64,7 +64,7 @@ def sweep(velocity, z0: Tensor, direction: Direction, strengths: Sequence[float]
     controls = {s: compose_controls([EditSpec(direction, float(s))], n_steps, project_out).to(z0.device)
                 for s in strengths if s != 0}
     if start_step is None:
-        start = min([first_active_step(c) for c in controls.values()] + [n_steps - 1])
+        start = sweep_start(direction, n_steps, project_out)
         branch = uncontrolled_state(velocity, z0, n_steps, start, direction.eps)
     else:
         start, branch = start_step, z0

@@ -76,10 +76,6 @@ class TimeGrid:
             raise ValueError(f"sub-grid steps must satisfy 0 <= start < stop <= {n}, got {start}, {stop}")
         return TimeGrid(times=self.times[start:stop], steps=self.steps[start:stop])
 
-    def first_step_at(self, t: float) -> int:
-        """Index of the first step whose evaluation time is ``>= t`` (``n_steps`` if none)."""
-        return next((k for k, tk in enumerate(self.times) if tk >= t), self.n_steps)
-
     def segment_length(self, start: int, length: int) -> float:
         """Total time advanced by steps ``start .. start+length-1``."""
         return math.fsum(self.steps[start:start + length])
