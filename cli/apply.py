@@ -52,6 +52,7 @@ def apply_directions(images, store_path, attrs, strength, project_out, samples, 
 
     from directions.apply import EditSpec, apply_controls, check_compatible, compose_controls, first_active_step
     from directions.store import DirectionStore
+    from flowgrad import rmse
     from flowgrad.models import load_model
 
     from .images import make_grid, save_image
@@ -80,8 +81,7 @@ def apply_directions(images, store_path, attrs, strength, project_out, samples, 
                                                  start_step=start)).clamp(0, 1)
         before = velocity.to_image(before_x).clamp(0, 1)
         if src.originals is not None:  # the unedited branch is the reconstruction
-            src.reconstruction_rmse = rmse_list((before_x - velocity.from_image(src.originals))
-                                                .flatten(1).square().mean(1).sqrt())
+            src.reconstruction_rmse = rmse_list(rmse(before_x, velocity.from_image(src.originals)))
     out_dir.mkdir(parents=True, exist_ok=True)
     for label, b, a in zip(src.labels, before, after):
         save_image(b, out_dir / f"{label}_before.png")

@@ -43,7 +43,7 @@ def edit(image, prompt, negative, alpha, model, model_config, bf16, compile_mode
     setup_logging(verbose)
     import torch
 
-    from flowgrad import FlowGradConfig, invert, optimize, reconstruction_error
+    from flowgrad import FlowGradConfig, initial_pass, invert, optimize, rmse
     from flowgrad.clip_guidance import ClipLoss, clip_score
     from flowgrad.cuda_graphs import GraphedVelocity
     from flowgrad.models import load_guidance_clip, load_model
@@ -68,7 +68,8 @@ def edit(image, prompt, negative, alpha, model, model_config, bf16, compile_mode
     t = time.perf_counter()
     x1 = velocity.from_image(original)
     z0 = invert(velocity, x1, n_steps, method=invert_method)
-    recon, rmse = reconstruction_error(velocity, x1, z0, n_steps)
+    start = initial_pass(velocity, z0, cfg)  # the reconstruction, and the optimization's first pass
+    recon_rmse = rmse(start.final, x1)
     timings["inversion"] = time.perf_counter() - t
     loss = ClipLoss(guidance, prompt, negative_prompt=negative, source=original, alpha=alpha,
                     replicas=replicas or (4 if demo else 20), seed=seed)
@@ -79,11 +80,12 @@ def edit(image, prompt, negative, alpha, model, model_config, bf16, compile_mode
             bar.set_postfix(loss=f"{float(info.losses[0]):.4f}", best=f"{float(info.best[0]):.4f}", refresh=False)
             bar.refresh()
 
-        result = optimize(velocity, z0, lambda x: loss(velocity.to_image(x)), config=cfg, callback=callback)
+        result = optimize(velocity, z0, lambda x: loss(velocity.to_image(x)), config=cfg, initial=start,
+                          callback=callback)
     timings["optimization"] = time.perf_counter() - t
     timings.update({f"optimization.{k}": v for k, v in result.timings.items()})
     optimized = velocity.to_image(result.images).clamp(0, 1)
-    reconstructed = velocity.to_image(recon).clamp(0, 1)
+    reconstructed = velocity.to_image(start.final).clamp(0, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_image(original[0], out_dir / "original.png")
     save_image(reconstructed[0], out_dir / "reconstruct.png")
@@ -95,7 +97,7 @@ def edit(image, prompt, negative, alpha, model, model_config, bf16, compile_mode
             "clip_score_reconstruct": float(clip_score(guidance, reconstructed, prompt)[0]),
             "clip_score_optimized": float(clip_score(guidance, optimized, prompt)[0]),
             "l1_optimized_vs_original": float((optimized - original).abs().mean()),
-            "reconstruction_rmse": float(rmse[0]),
+            "reconstruction_rmse": float(recon_rmse[0]),
             "loss_before": float(result.initial_loss[0]), "loss_best": float(result.best_loss[0]),
             "best_iteration": int(result.best_iteration[0]), "status": result.status[0],
             "segments_per_iteration": result.segment_counts[:, 0].tolist(), "n_steps": n_steps,

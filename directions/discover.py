@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 import flowgrad
-from flowgrad import FlowGradConfig, TimeGrid, integrate, invert, optimize, reconstruction_error
+from flowgrad import FlowGradConfig, InitialPass, TimeGrid, initial_pass, integrate, invert, optimize, rmse
 from flowgrad.clip_guidance import ClipLoss, clip_score
 from flowgrad.cuda_graphs import GraphedVelocity
 
@@ -160,14 +160,23 @@ def _image_files(folder: str) -> list[Path]:
 
 
 def _batch_inputs(cfg: DiscoveryConfig, velocity, idx: Sequence[int], device: torch.device,
-                  load_image: Callable[[Path, int], Tensor] | None) -> tuple[Tensor, Tensor, list[str], Tensor]:
-    """Latents z0 (B, C, H, W), source images in [0, 1], source labels, reconstruction RMSE (B,)."""
+                  load_image: Callable[[Path, int], Tensor] | None, *, keep_pass: bool = False
+                  ) -> tuple[Tensor, Tensor, list[str], Tensor, InitialPass | None]:
+    """Latents z0 (B, C, H, W), source images in [0, 1], source labels, reconstruction RMSE (B,), and with
+    ``keep_pass`` the unedited trajectory that gave the sources (or the reconstructions), for ``optimize``."""
     grid = TimeGrid.uniform(cfg.flowgrad.n_steps, cfg.flowgrad.eps)
+
+    def unedited(z0: Tensor) -> tuple[Tensor, InitialPass | None]:
+        if keep_pass:
+            start = initial_pass(velocity, z0, cfg.flowgrad)
+            return start.final, start
+        return integrate(velocity, z0, grid, keep_states=False).final, None
+
     if cfg.images is None:
         z0 = sample_latents(tuple(velocity.sample_shape), cfg.seed, idx).to(device)
-        x1 = integrate(velocity, z0, grid, keep_states=False).final
+        x1, start = unedited(z0)
         labels = [f"sample:seed={cfg.seed}:index={i}" for i in idx]
-        return z0, velocity.to_image(x1).clamp(0, 1), labels, torch.full((len(idx),), math.nan)
+        return z0, velocity.to_image(x1).clamp(0, 1), labels, torch.full((len(idx),), math.nan), start
     if load_image is None:
         raise ValueError("discovering from real images needs an image loader")
     files = _image_files(cfg.images)
@@ -176,8 +185,8 @@ def _batch_inputs(cfg: DiscoveryConfig, velocity, idx: Sequence[int], device: to
     images = torch.stack([load_image(files[i], velocity.sample_shape[-1]) for i in idx]).to(device)
     x1 = velocity.from_image(images)
     z0 = invert(velocity, x1, grid, method=cfg.invert_method)  # type: ignore[arg-type]
-    _, rmse = reconstruction_error(velocity, x1, z0, grid)
-    return z0, images, [str(files[i]) for i in idx], rmse.cpu()
+    recon, start = unedited(z0)
+    return z0, images, [str(files[i]) for i in idx], rmse(recon, x1).cpu(), start
 
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -213,14 +222,14 @@ def _run_batch(cfg: DiscoveryConfig, velocity, clip, b: int, device: torch.devic
 def _optimize_images(cfg: DiscoveryConfig, velocity, clip, b: int, idx: list[int], device: torch.device,
                      load_image, report: Callable[[int, float], None]
                      ) -> tuple[dict[str, np.ndarray], dict[str, list]]:
-    z0, source, labels, rmse = _batch_inputs(cfg, velocity, idx, device, load_image)
+    z0, source, labels, rmse, start = _batch_inputs(cfg, velocity, idx, device, load_image, keep_pass=True)
     negative = cfg.negative_prompt if (cfg.directional and cfg.negative_prompt) else None
     # A sub-batch after an out-of-memory draws its own augmentations (seeded by its first image).
     seed = cfg.seed * 1_000_003 + b + (0 if idx[0] == cfg.batch_indices(b)[0] else 7_919 * (idx[0] + 1))
     preserve = cfg.preserve if cfg.preserve_weight > 0 else ()
     loss = ClipLoss(clip, cfg.prompt, negative_prompt=negative, source=source, alpha=cfg.alpha,
                     replicas=cfg.replicas, seed=seed, preserve=preserve, preserve_weight=cfg.preserve_weight)
-    result = optimize(velocity, z0, lambda x: loss(velocity.to_image(x)), config=cfg.flowgrad,
+    result = optimize(velocity, z0, lambda x: loss(velocity.to_image(x)), config=cfg.flowgrad, initial=start,
                       callback=lambda info: report(info.iteration, float(np.nanmean(info.losses.numpy()))))
     with torch.no_grad():
         after = velocity.to_image(result.images).clamp(0, 1)
@@ -318,7 +327,7 @@ def _discover_joint(cfg: DiscoveryConfig, velocity, clip, ckpt, device: torch.de
             progress(BatchProgress(done - 1, total, int(round(cfg.n_images * share)), cfg.n_images, it, iters,
                                    loss))
 
-    res = optimize_joint(cfg, velocity, clip, lambda idx: _batch_inputs(cfg, velocity, idx, device, load_image),
+    res = optimize_joint(cfg, velocity, clip, lambda idx: _batch_inputs(cfg, velocity, idx, device, load_image)[:4],
                          ckpt, device, report)
     return _direction(cfg, velocity, res.vector, res.records, settings, res.info, time.perf_counter() - t0,
                       "the optimized shared control itself (lowest mean loss)", res.split_half_cosine)

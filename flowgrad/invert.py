@@ -11,7 +11,7 @@ from .grid import DEFAULT_EPS, TimeGrid
 from .trajectory import check_latents, integrate, resolve_grid
 from .velocity import Velocity, check_velocity
 
-__all__ = ["invert", "reconstruction_error", "InversionMethod"]
+__all__ = ["invert", "reconstruction_error", "rmse", "InversionMethod"]
 
 InversionMethod = Literal["euler", "heun", "fixed-point"]
 
@@ -76,5 +76,9 @@ def reconstruction_error(velocity: Velocity, x1: Tensor, z0: Tensor, n_steps: in
     """
     check_latents(x1, "x1")
     recon = integrate(velocity, z0, resolve_grid(n_steps, eps), keep_states=False).final
-    rmse = (recon - x1).flatten(1).square().mean(1).sqrt()
-    return recon, rmse
+    return recon, rmse(recon, x1)
+
+
+def rmse(x: Tensor, target: Tensor) -> Tensor:
+    """Per-image root-mean-square difference (B,) of two (B, C, H, W) batches."""
+    return (x - target).flatten(1).square().mean(1).sqrt()

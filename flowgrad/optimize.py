@@ -14,10 +14,10 @@ from torch import Tensor
 from .backprop import LossFn, Segments, backward_sweep, loss_and_adjoint
 from .grid import DEFAULT_EPS, TimeGrid
 from .segments import Segmentation, start_mask, straightness_segments
-from .trajectory import check_controls, check_latents, integrate, resolve_grid
+from .trajectory import Trajectory, check_controls, check_latents, integrate, resolve_grid
 from .velocity import Velocity
 
-__all__ = ["FlowGradConfig", "FlowGradResult", "IterationInfo", "optimize"]
+__all__ = ["FlowGradConfig", "FlowGradResult", "InitialPass", "IterationInfo", "initial_pass", "optimize"]
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,77 @@ class _Clock:
         return out
 
 
+@dataclass(frozen=True)
+class InitialPass:
+    """The uncontrolled trajectory of ``z0``, computed the way :func:`optimize` computes its first pass.
+
+    Make it with :func:`initial_pass`. A caller that needs the unedited output before optimizing (the
+    source image of an L1 term, or the reconstruction of an inverted image) passes it to
+    :func:`optimize` as ``initial=``, which then uses it as its first forward pass instead of integrating
+    the same trajectory again.
+
+    Attributes:
+        trajectory: the full uncontrolled trajectory (all states kept).
+        prefix: its stretch before the time window, which :func:`optimize` reuses in later passes
+            (None when the window starts at step 0).
+    """
+
+    trajectory: Trajectory
+    prefix: Trajectory | None
+
+    @property
+    def final(self) -> Tensor:
+        """(B, C, H, W) the unedited final state x_N (data space)."""
+        return self.trajectory.final
+
+
+def _window_start(grid: TimeGrid, cfg: FlowGradConfig) -> tuple[Tensor, int]:
+    """The window's step mask (N,) and its first step (N when the window holds no step)."""
+    in_window = grid.window_mask(*cfg.t_window)
+    return in_window, int(in_window.nonzero()[0]) if in_window.any() else grid.n_steps
+
+
+def _prefix(velocity: Velocity, z0: Tensor, grid: TimeGrid, first: int) -> Trajectory | None:
+    return integrate(velocity, z0, grid.sub(0, first)) if 0 < first < grid.n_steps else None
+
+
+def initial_pass(velocity: Velocity, z0: Tensor, config: FlowGradConfig | None = None) -> InitialPass:
+    """The uncontrolled trajectory of ``z0``: bit for bit the first forward pass of :func:`optimize` with
+    the same settings and no initial controls.
+
+    Args:
+        velocity: v(x, t).
+        z0: (B, C, H, W) latents at t = eps.
+        config: the settings the optimization will use (its grid and time window matter here; default
+            settings when None).
+    """
+    cfg = config if config is not None else FlowGradConfig()
+    check_latents(z0)
+    grid = resolve_grid(cfg.n_steps, cfg.eps)
+    _, first = _window_start(grid, cfg)
+    with torch.no_grad():
+        prefix = _prefix(velocity, z0, grid, first)
+        return InitialPass(trajectory=integrate(velocity, z0, grid, prefix=prefix), prefix=prefix)
+
+
+def _check_initial(initial: InitialPass, grid: TimeGrid, first: int, z0: Tensor, controls: Tensor | None) -> None:
+    if not isinstance(initial, InitialPass):
+        raise TypeError(f"initial must be an InitialPass (from initial_pass), got {type(initial).__name__}")
+    traj = initial.trajectory
+    if traj.grid != grid:
+        raise ValueError("initial was integrated on another time grid; make it with initial_pass(velocity, z0, "
+                         "config) and the optimization's config")
+    expected = first if 0 < first < grid.n_steps else 0
+    if (0 if initial.prefix is None else initial.prefix.n_steps) != expected:
+        raise ValueError("initial was made for another time window; make it with the optimization's config")
+    if traj.controls is not None or traj.states.shape[0] != grid.n_steps + 1:
+        raise ValueError("initial must be an uncontrolled trajectory with all states kept (from initial_pass)")
+    if tuple(traj.states.shape[1:]) != tuple(z0.shape) or not torch.equal(traj.states[0], z0):
+        raise ValueError("initial starts from another z0")
+    if controls is not None and bool(controls.any()):
+        raise ValueError("initial is the uncontrolled pass; it cannot be combined with nonzero initial controls")
+
+
 def _segment_starts(segments: Segmentation | Sequence[Segmentation]) -> list[int] | Tensor:
     """Where the backward segments start: shared step indices, or an (N, B) mask for per-image ones."""
     return list(segments.starts) if isinstance(segments, Segmentation) else start_mask(segments)
@@ -158,6 +229,7 @@ def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100
              t_window: tuple[float, float] = (0.0, 1.0), coarse_forward: bool = False,
              controls: Tensor | None = None,
              config: FlowGradConfig | None = None,
+             initial: InitialPass | None = None,
              callback: Callable[[IterationInfo], None] | None = None) -> FlowGradResult:
     """Optimize additive controls u_k so the final images minimize ``loss_fn`` (FlowGrad).
 
@@ -181,6 +253,9 @@ def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100
             :class:`FlowGradConfig`; ignored when ``config`` is given.
         controls: (N, B, C, H, W) initial controls (default zeros).
         config: all settings at once.
+        initial: the uncontrolled trajectory of ``z0`` from :func:`initial_pass` with the same settings, when
+            the caller already has it (e.g. for the unedited image): used as the first forward pass. Not
+            with nonzero initial controls.
         callback: called with an :class:`IterationInfo` after each forward pass.
 
     Returns:
@@ -194,12 +269,10 @@ def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100
     grid = resolve_grid(cfg.n_steps, cfg.eps)
     check_controls(controls, grid, z0)
     b = z0.shape[0]
-    in_window = grid.window_mask(*cfg.t_window)
+    in_window, first = _window_start(grid, cfg)
     window = in_window.to(z0.device).view(-1, *([1] * z0.dim()))
-    # Steps before the window keep zero controls: their stretch of trajectory is the same in every pass,
-    # so it is integrated once, and the backward sweep ends where the window begins (exact either way).
-    first = int(in_window.nonzero()[0]) if in_window.any() else grid.n_steps
-    prefix_grid = grid.sub(0, first) if 0 < first < grid.n_steps else None
+    if initial is not None:
+        _check_initial(initial, grid, first, z0, controls)
     u = (torch.zeros((grid.n_steps, *z0.shape), dtype=z0.dtype, device=z0.device) if controls is None
          else controls.detach().clone()) * window
     u.requires_grad_(True)
@@ -214,10 +287,13 @@ def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100
     alive = torch.ones(b, dtype=torch.bool)           # images whose loss and gradients are finite
     status = ["ok"] * b
     clock = _Clock(z0.device)
-    prefix = None
-    if prefix_grid is not None:
+    # Steps before the window keep zero controls: their stretch of trajectory is the same in every pass,
+    # so it is integrated once, and the backward sweep ends where the window begins (exact either way).
+    if initial is not None:
+        prefix = initial.prefix
+    else:
         with torch.no_grad():
-            prefix = clock.measure("forward", lambda: integrate(velocity, z0, prefix_grid))
+            prefix = clock.measure("forward", lambda: _prefix(velocity, z0, grid, first))
 
     def freeze(bad: Tensor, it: int) -> None:
         for i in bad.nonzero().flatten().tolist():
@@ -229,10 +305,13 @@ def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100
     fixed: Segments = None            # ... and the backward segments of the first pass, reused
     for it in range(cfg.iterations + 1):
         coarse = held is not None and it < cfg.iterations
-        with torch.no_grad():
-            traj = clock.measure("forward", lambda: integrate(velocity, z0, grid, u.detach(),
-                                                              hold=held if coarse else None,
-                                                              prefix=None if coarse else prefix))
+        if it == 0 and initial is not None:  # the caller's uncontrolled pass (controls are zero)
+            traj, initial = initial.trajectory, None
+        else:
+            with torch.no_grad():
+                traj = clock.measure("forward", lambda: integrate(velocity, z0, grid, u.detach(),
+                                                                  hold=held if coarse else None,
+                                                                  prefix=None if coarse else prefix))
         losses, lam = clock.measure("loss", lambda: loss_and_adjoint(loss_fn, traj.final))
         losses64 = losses.double().cpu()
         history[it] = losses64

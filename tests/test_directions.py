@@ -591,7 +591,7 @@ def test_joint_first_step_is_minus_lr_times_the_mean_per_image_gradient(demo_mod
     grads = []
     for b in range(cfg.n_batches):
         idx = list(cfg.batch_indices(b))
-        z0, source, _, _ = _batch_inputs(cfg, velocity, idx, torch.device("cpu"), None)
+        z0, source, _, _, _ = _batch_inputs(cfg, velocity, idx, torch.device("cpu"), None)
         loss = ClipLoss(clip, cfg.prompt, negative_prompt=cfg.negative_prompt, source=source, alpha=cfg.alpha,
                         replicas=cfg.replicas, seed=(cfg.seed * 1_000_003 + b) * 1_009 + 0)
         res = control_gradients(velocity, z0, None, lambda x: loss(velocity.to_image(x)), 4)

@@ -175,3 +175,40 @@ def test_steps_before_a_late_window_are_integrated_once_and_not_swept(t_window):
     assert field.calls - field.vjp_calls == first + 5 * (20 - first)  # the prefix once, then 5 passes
     assert ref_field.calls - ref_field.vjp_calls == 5 * 20
     assert field.vjp_calls < ref_field.vjp_calls  # segments wholly before the window are not swept
+
+
+@pytest.mark.parametrize("t_window", [(0.35, 1.0), (0.0, 1.0)])
+def test_a_given_initial_pass_replaces_the_first_forward_pass_bit_for_bit(t_window):
+    z0 = torch.randn(3, 3, 5, 5, dtype=torch.float64)
+    loss = convex_loss(torch.randn_like(z0))
+    cfg = FlowGradConfig(n_steps=20, iterations=3, lr=0.05, threshold=5e-3, t_window=t_window)
+    plain = flowgrad.optimize(CountingField(ConvField()), z0, loss, config=cfg)
+    field = CountingField(ConvField())
+    start = flowgrad.initial_pass(field, z0, cfg)
+    assert field.calls == 20 and field.vjp_calls == 0
+    assert torch.equal(start.final, flowgrad.integrate(ConvField(), z0, cfg.grid, keep_states=False).final)
+    field.calls = field.vjp_calls = 0
+    given = flowgrad.optimize(field, z0, loss, config=cfg, initial=start)
+    first = int(cfg.grid.window_mask(*t_window).nonzero()[0])
+    assert field.calls - field.vjp_calls == 3 * (20 - first)  # no prefix and no first pass: only passes 2..4
+    for name in ("controls", "images", "best_loss", "loss_history", "segment_counts"):
+        assert torch.equal(getattr(given, name), getattr(plain, name)), name
+
+
+def test_an_initial_pass_that_does_not_match_the_optimization_is_refused():
+    z0 = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    loss = convex_loss(torch.randn_like(z0))
+    field = ConvField()
+    cfg = FlowGradConfig(n_steps=10, iterations=1, lr=0.05, t_window=(0.3, 1.0))
+    start = flowgrad.initial_pass(field, z0, cfg)
+    cases = [
+        (dict(config=FlowGradConfig(n_steps=12, iterations=1, lr=0.05, t_window=(0.3, 1.0))), "another time grid"),
+        (dict(config=FlowGradConfig(n_steps=10, iterations=1, lr=0.05)), "another time window"),
+        (dict(config=cfg, z0=z0 + 1), "another z0"),
+        (dict(config=cfg, controls=torch.ones((10, *z0.shape), dtype=z0.dtype)), "nonzero initial controls"),
+        (dict(config=cfg, initial=start.trajectory), "must be an InitialPass"),
+    ]
+    for kwargs, message in cases:
+        kwargs = {"initial": start, "z0": z0, **kwargs}
+        with pytest.raises((ValueError, TypeError), match=message):
+            flowgrad.optimize(field, kwargs.pop("z0"), loss, **kwargs)
