@@ -222,7 +222,7 @@ def _run_batch(cfg: DiscoveryConfig, velocity, clip, b: int, device: torch.devic
 def _optimize_images(cfg: DiscoveryConfig, velocity, clip, b: int, idx: list[int], device: torch.device,
                      load_image, report: Callable[[int, float], None]
                      ) -> tuple[dict[str, np.ndarray], dict[str, list]]:
-    z0, source, labels, rmse, start = _batch_inputs(cfg, velocity, idx, device, load_image, keep_pass=True)
+    z0, source, labels, recon_rmse, start = _batch_inputs(cfg, velocity, idx, device, load_image, keep_pass=True)
     negative = cfg.negative_prompt if (cfg.directional and cfg.negative_prompt) else None
     # A sub-batch after an out-of-memory draws its own augmentations (seeded by its first image).
     seed = cfg.seed * 1_000_003 + b + (0 if idx[0] == cfg.batch_indices(b)[0] else 7_919 * (idx[0] + 1))
@@ -245,7 +245,7 @@ def _optimize_images(cfg: DiscoveryConfig, velocity, clip, b: int, idx: list[int
         "clip_after": clip_after.tolist(),
         "control_norm": controls.flatten(1).norm(dim=1).double().tolist(),
         "best_iteration": result.best_iteration.tolist(),
-        "reconstruction_rmse": rmse.double().tolist(),
+        "reconstruction_rmse": recon_rmse.double().tolist(),
         "status": [("ok" if it > 0 else "skipped: no improvement") if s == "ok" else f"skipped: {s}"
                    for s, it in zip(result.status, result.best_iteration.tolist())],
     }
