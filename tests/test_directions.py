@@ -482,6 +482,34 @@ def test_discover_other_aggregators(discovered, demo_models, tmp_path, method):
         assert "probe_train_accuracy" in d.settings["aggregator_info"]
 
 
+def test_discover_from_a_folder_of_real_images(demo_models, tmp_path):
+    """Real images are inverted, optimized and recorded with their file and their round-trip error."""
+    from cli.images import load_image, to_pil
+    from flowgrad.demo.render import render
+
+    velocity, clip = demo_models
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    renders, _ = render(3, seed=11)
+    for name, image in zip(("b", "a", "c"), renders):
+        to_pil(image).save(folder / f"{name}.png")
+    (folder / "notes.txt").write_text("not an image")
+    d = discover(tiny_config(images=str(folder), n_images=3), velocity, clip, tmp_path / "s.h5", load_image=load_image)
+    files = [folder / f"{n}.png" for n in "abc"]
+    assert list(d.records["source"]) == [str(f) for f in files]
+    x1 = velocity.from_image(torch.stack([load_image(f, 64) for f in files]))
+    with torch.no_grad():
+        z0 = flowgrad.invert(velocity, x1, 4)
+        _, expected = flowgrad.reconstruction_error(velocity, x1, z0, 4)
+    np.testing.assert_allclose(d.records["reconstruction_rmse"], expected.double().numpy(), rtol=1e-4)
+    assert np.all(d.records["reconstruction_rmse"] > 0)
+    assert d.vector.shape == (4, 3, 64, 64) and np.isfinite(d.vector).all()
+    with pytest.raises(ValueError, match="--n-images 4 but only 3 images"):
+        discover(tiny_config(images=str(folder)), velocity, clip, tmp_path / "t.h5", load_image=load_image)
+    with pytest.raises(ValueError, match="no images"):
+        discover(tiny_config(images=str(tmp_path)), velocity, clip, tmp_path / "u.h5", load_image=load_image)
+
+
 def test_discover_resumes_to_the_uninterrupted_result(discovered, demo_models, tmp_path):
     velocity, clip = demo_models
     reference = DirectionStore(discovered[1]).read("old", offsets=True)
