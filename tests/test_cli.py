@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -317,6 +318,24 @@ def test_apply_errors_are_one_line_and_lose_nothing(store, tmp_path, case):
     assert DirectionStore(store).read("old").vector.tobytes() == old.vector.tobytes()
 
 
+def test_a_direction_of_another_model_is_refused_unless_forced(store, tmp_path):
+    old = DirectionStore(store).read("old")
+    DirectionStore(store).write(Direction.from_vector("other", old.vector, old.prompt, model=old.model, clip=old.clip,
+                                                      model_fingerprint="f" * 64, n_images=1,
+                                                      created_at="2024-01-01T00:00:00+00:00", flowgrad_version="t"))
+    before = digest(store)
+    commands = {"apply-directions": ["--out", tmp_path / "apply"],
+                "plot-sweep": ["--strengths", "0:1:2", "--out", tmp_path / "sweep.png"]}
+    for name, args in commands.items():
+        result = invoke(name, "--directions", store, "--attr", "other", "--samples", "1", "--device", "cpu", *args)
+        assert_cli_error(result, "'other' was made with another model", "ffffffffffff", "--force")
+        result = invoke(name, "--directions", store, "--attr", "other", "--samples", "1", "--device", "cpu",
+                        "--force", *args)
+        assert result.exit_code == 0, (name, result.stderr, result.exception)
+    assert (tmp_path / "apply" / "metrics.json").is_file() and (tmp_path / "sweep.png").is_file()
+    assert digest(store) == before
+
+
 def test_sweep_refuses_a_direction_of_another_shape(store, tmp_path):
     DirectionStore(store).write(synthetic("small", DirectionStore(store).read("old"), seed=6, shape=(4, 3, 32, 32)))
     before = digest(store)
@@ -417,6 +436,27 @@ def rendered(tmp_path_factory) -> dict[str, Path]:
 def _edit(image: Path, out: Path):
     return invoke("flowgrad", "edit", image, "--prompt", "a photo of a smiling person", "--steps", "4",
                   "--iterations", "1", "--replicas", "1", "--device", "cpu", "--out", out)
+
+
+def test_discover_from_a_folder_of_images_with_a_time_window(rendered, tmp_path):
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for path in rendered.values():
+        shutil.copy(path, folder / path.name)
+    store = tmp_path / "dirs.h5"
+    result = invoke("discover-directions", "--images", folder, "--prompt", "a photo of an old person",
+                    "--negative", "a photo of a young person", "--name", "faces-old", "--t-window", "0.5", "1",
+                    "--n-images", "2", "--batch-size", "2", "--steps", "4", "--iterations", "1", "--replicas", "1",
+                    "--device", "cpu", "--out", store)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert re.search(r"^faces-old: [0-2]/2 images ok, CLIP score gain", result.stdout, re.M), result.stdout
+    d = DirectionStore(store).read("faces-old")
+    assert d.prompt == "a photo of an old person" and d.negative_prompt == "a photo of a young person"
+    assert d.time_window == (0.5, 1.0) and d.settings["images"] == str(folder.resolve())
+    # t_k = eps + k/4: steps 0 and 1 lie before t = 0.5 and keep no control
+    assert not d.vector[:2].any() and np.abs(d.vector[2:]).sum() > 0
+    assert list(d.records["source"]) == [str(folder.resolve() / "face.png"), str(folder.resolve() / "wide.png")]
+    assert all(0 < r < 0.5 for r in d.records["reconstruction_rmse"])
 
 
 def test_apply_directions_inverts_real_images(store, rendered, tmp_path):
