@@ -254,8 +254,8 @@ def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100
         controls: (N, B, C, H, W) initial controls (default zeros).
         config: all settings at once.
         initial: the uncontrolled trajectory of ``z0`` from :func:`initial_pass` with the same settings, when
-            the caller already has it (e.g. for the unedited image): used as the first forward pass. Not
-            with nonzero initial controls.
+            the caller already has it (e.g. for the unedited image): used as the first forward pass (whose
+            time is then not in the result's timings). Not with nonzero initial controls.
         callback: called with an :class:`IterationInfo` after each forward pass.
 
     Returns:
