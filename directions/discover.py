@@ -359,42 +359,51 @@ def _mean_direction(cfg: DiscoveryConfig, local: dict[int, tuple[dict, dict]], o
                     ok: np.ndarray, dim: int):
     """Mean aggregator over ranks: all-reduce of partial sums; only scalars per image are gathered.
 
+    Works one batch at a time (float64 per batch, the float32 controls as stored), so its memory
+    beyond the loaded batches is a few vectors of length ``dim`` whatever the number of images.
+
     Returns (unit, scale, per-image cosine (n,), split-half cosine).
     """
     sizes = {b: len(cfg.batch_indices(b)) for b in order}
     offsets = dict(zip(order, np.cumsum([0] + [sizes[b] for b in order])[:-1]))
-    pos = np.concatenate([np.arange(offsets[b], offsets[b] + sizes[b]) for b in sorted(local)] or
-                         [np.zeros(0, dtype=int)]).astype(int)
-    xl = (np.concatenate([local[b][0]["controls"] for b in sorted(local)]).reshape(len(pos), -1)
-          .astype(np.float64) if local else np.zeros((0, dim)))
-    okl = ok[pos]
-    total = dist.all_reduce_sum(xl[okl].sum(0))
-    if not np.linalg.norm(total) > 0:
-        raise ValueError("the mean control is zero: no image moved; raise --iterations or --lr")
-    unit = total / np.linalg.norm(total)
-    norms = np.linalg.norm(xl, axis=1)
-    proj = xl @ unit
-    cos = np.divide(proj, norms, out=np.zeros_like(proj), where=norms > 0)
-    proj_all, cos_all = np.zeros(len(ok)), np.zeros(len(ok))
-    for p, pr, co in dist.all_gather((pos, proj, cos)):
-        proj_all[p], cos_all[p] = pr, co
-    scale = float(np.median(proj_all[ok]))
-    if not scale > 0:  # as aggregate(): a non-positive median projection falls back to |projection|
-        scale = float(np.median(np.abs(proj_all[ok]))) or 1.0
+    positions = {b: np.arange(offsets[b], offsets[b] + sizes[b]) for b in sorted(local)}
     n_ok = int(ok.sum())
-    half = float("nan")
+    half_of = np.full(len(ok), -1)
     if n_ok >= 4:  # same halves as aggregate.split_half_cosine
         perm = np.random.default_rng(cfg.seed).permutation(n_ok)
-        half_of = np.full(len(ok), -1)
         ok_pos = np.flatnonzero(ok)
         half_of[ok_pos[perm[: n_ok // 2]]] = 0
         half_of[ok_pos[perm[n_ok // 2:]]] = 1
-        units = []
-        for h in (0, 1):
-            sel = half_of[pos] == h
-            s = dist.all_reduce_sum(xl[sel].sum(0))
-            units.append(s / np.linalg.norm(s))
-        half = float(units[0] @ units[1])
+
+    def rows(b: int) -> np.ndarray:
+        return local[b][0]["controls"].reshape(sizes[b], -1).astype(np.float64)
+
+    sums = np.zeros((3, dim))  # all ok images, first half, second half
+    norms = {}
+    for b, pos in positions.items():
+        x = rows(b)
+        sums[0] += x[ok[pos]].sum(0)
+        sums[1] += x[half_of[pos] == 0].sum(0)
+        sums[2] += x[half_of[pos] == 1].sum(0)
+        norms[b] = np.linalg.norm(x, axis=1)
+    sums = dist.all_reduce_sum(sums)
+    if not np.linalg.norm(sums[0]) > 0:
+        raise ValueError("the mean control is zero: no image moved; raise --iterations or --lr")
+    unit = sums[0] / np.linalg.norm(sums[0])
+    proj_all, cos_all = np.zeros(len(ok)), np.zeros(len(ok))
+    mine = []
+    for b, pos in positions.items():
+        proj = rows(b) @ unit
+        mine.append((pos, proj, np.divide(proj, norms[b], out=np.zeros_like(proj), where=norms[b] > 0)))
+    for part in dist.all_gather(mine):
+        for p, pr, co in part:
+            proj_all[p], cos_all[p] = pr, co
+    scale = float(np.median(proj_all[ok]))
+    if not scale > 0:  # as aggregate(): a non-positive median projection falls back to |projection|
+        scale = float(np.median(np.abs(proj_all[ok]))) or 1.0
+    half = float("nan")
+    if n_ok >= 4:
+        half = float(sums[1] @ sums[2] / (np.linalg.norm(sums[1]) * np.linalg.norm(sums[2])))
     return unit, scale, cos_all, half
 
 
