@@ -226,3 +226,12 @@ def test_eval_directions_tiny_run(tmp_path: Path) -> None:
         assert stats["max_other_abs_change"] == max(stats["other_abs_change"].values())
     assert _finite(entry["per_image_flowgrad"]["s_per_image"]) and entry["per_image_flowgrad"]["s_per_image"] > 0
     assert "glasses" in proc.stdout and "rand 1.0" in proc.stdout
+
+
+def test_aggregate_benchmark_tiny_run() -> None:
+    """bench_aggregate.py runs on a real checkpoint and its two aggregations agree (uneven last batch)."""
+    cmd = [sys.executable, str(BENCH / "bench_aggregate.py"), "--images", "45", "--batch-size", "8", "--steps", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("45 images:") and line.endswith("same result: True"), line
