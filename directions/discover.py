@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -293,19 +294,27 @@ def discover(cfg: DiscoveryConfig, velocity, clip, store_path: str | Path, *, re
         else:
             done = set(ckpt.done_batches())
             mine = [b for b in range(cfg.n_batches) if b % world == rank]
-            for b in mine:
-                if b in done:
-                    continue
-                n_before = sum(len(cfg.batch_indices(x)) for x in range(cfg.n_batches) if x in done or x < b)
+            # A finished batch is written (and fsynced) by a helper thread while the next one runs; at most
+            # one write is pending, and leaving the block (also on an error or Ctrl-C) waits for it.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowgrad-checkpoint") as writer:
+                pending = None
+                for b in mine:
+                    if b in done:
+                        continue
+                    n_before = sum(len(cfg.batch_indices(x)) for x in range(cfg.n_batches) if x in done or x < b)
 
-                def report(it: int, loss: float, b: int = b, n_before: int = n_before) -> None:
-                    if progress is not None:
-                        progress(BatchProgress(b, cfg.n_batches, n_before, cfg.n_images, it,
-                                               cfg.flowgrad.iterations, loss))
+                    def report(it: int, loss: float, b: int = b, n_before: int = n_before) -> None:
+                        if progress is not None:
+                            progress(BatchProgress(b, cfg.n_batches, n_before, cfg.n_images, it,
+                                                   cfg.flowgrad.iterations, loss))
 
-                arrays, records = _run_batch(cfg, velocity, clip, b, device, load_image, report)
-                ckpt.save_batch(b, arrays, records)
-                done.add(b)
+                    arrays, records = _run_batch(cfg, velocity, clip, b, device, load_image, report)
+                    if pending is not None:
+                        pending.result()
+                    pending = writer.submit(ckpt.save_batch, b, arrays, records)
+                    done.add(b)
+                if pending is not None:
+                    pending.result()
             dist.barrier()
             local = {b: ckpt.load_batch(b) for b in mine}
             direction = _aggregate(cfg, velocity, local, settings, time.perf_counter() - t0)
