@@ -48,14 +48,16 @@ def pick_device(spec: str):
 
 
 def warm_cuda(device, velocity=None, batch: int = 1):
-    """Pay CUDA's one-time costs on a helper thread while the main thread does other work.
+    """Pay CUDA's one-time costs on a helper thread while the main thread does host work.
 
     The first calls of a process on a GPU load cuDNN and cuBLAS, create their handles, pick convolution
     algorithms and load every kernel the network uses; importing open_clip for the CLIP takes seconds and
     needs no GPU, so the two overlap. With ``velocity``, the thread runs its forward once on random inputs
-    of ``batch`` images and its VJP at every batch bucket up to that (no graphs are captured there).
-    Returns the thread (join it before anything that captures CUDA graphs), or None off CUDA. Errors are
-    left for the main thread to meet with its own message.
+    of ``batch`` images and its VJP at every batch bucket up to that (the subset sizes per-image segments
+    use); a :class:`~flowgrad.cuda_graphs.GraphedVelocity` captures its graphs for those calls there, so
+    the job replays them from its first step. Returns the thread, or None off CUDA. Until it is joined,
+    the main thread must not use the GPU (a graph capture may be running). Errors are left for the main
+    thread to meet with its own message.
     """
     import threading
 
@@ -76,10 +78,14 @@ def warm_cuda(device, velocity=None, batch: int = 1):
                 t = torch.full((batch,), 0.5, device=device)
                 with torch.no_grad():
                     velocity(x, t)
+                lam = torch.ones_like(x)
                 # per-image segments run VJPs over subsets, in power-of-two buckets (flowgrad.cuda_graphs)
                 for n in sorted({min(1 << k, batch) for k in range(batch.bit_length() + 1)}, reverse=True):
-                    leaf = x[:n].clone().requires_grad_(True)
-                    torch.autograd.grad(velocity(leaf, t[:n]), leaf, grad_outputs=torch.ones_like(leaf))
+                    if hasattr(velocity, "vjp"):
+                        velocity.vjp(x[:n], t[:n], lam[:n])
+                    else:
+                        leaf = x[:n].clone().requires_grad_(True)
+                        torch.autograd.grad(velocity(leaf, t[:n]), leaf, grad_outputs=lam[:n])
                 torch.cuda.synchronize(device)
         except Exception:  # noqa: BLE001 - the main thread reports CUDA problems itself
             pass

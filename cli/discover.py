@@ -77,6 +77,7 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
     from directions import distributed as dist
     from directions.discover import DiscoveryConfig, discover
     from flowgrad import FlowGradConfig
+    from flowgrad.clip_guidance import import_open_clip
     from flowgrad.demo.registry import get_attribute, load_registry, preserve_pairs
     from flowgrad.models import load_guidance_clip, load_model
 
@@ -108,12 +109,13 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
         t0 = time.perf_counter()
         velocity = load_model(model, model_config, device=dev, **model_kwargs(bf16, compile_model))
         cfg = dataclasses.replace(cfg, precision=precision_name(velocity))
-        # CUDA's first-use costs for this network overlap with the CLIP loader's imports
+        velocity = maybe_graphed(velocity, dev, cuda_graphs)
+        # CUDA's first-use costs for this network (and its graph captures) overlap with importing open_clip
         warming = warm_cuda(dev, None if compile_model else velocity, min(batch_size, n_images))
-        guidance = load_guidance_clip(clip, device=dev)
+        import_open_clip()
         if warming is not None:
             warming.join()
-        velocity = maybe_graphed(velocity, dev, cuda_graphs)
+        guidance = load_guidance_clip(clip, device=dev)
         with progress_bar(total=cfg.n_images, desc=f"discover {name}", unit="img", disable=rank != 0) as bar:
             def progress(p) -> None:
                 bar.n = p.images_done

@@ -43,7 +43,7 @@ from .augment import POLICY_OPS, AugmentParams, Policy, apply_augment, parse_pol
 
 __all__ = [
     "ClipLoadError", "ClipLoss", "ClipLossTerms", "ClipModel", "DEMO_CONFIG_DIR", "clip_score",
-    "load_clip", "random_clip", "zero_shot",
+    "import_open_clip", "load_clip", "random_clip", "zero_shot",
 ]
 
 DEMO_CONFIG_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
@@ -158,7 +158,12 @@ def _check_images(images: Any, arg: str, device: torch.device) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def _open_clip() -> ModuleType:
+def import_open_clip() -> ModuleType:
+    """Import open_clip (with ``HF_HUB_OFFLINE=1`` unless the environment sets it) and return the module.
+
+    Host work only (seconds: open_clip imports torchvision and timm), so a caller can overlap it with GPU
+    work on another thread before loading a model; raises ImportError with an install hint if missing.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import open_clip
@@ -194,7 +199,7 @@ def _register_config(path: str | Path) -> str:
     if missing:
         raise ClipLoadError(f"model config {path} lacks {missing}; an open_clip model config "
                             f"needs keys {list(_CONFIG_KEYS)}")
-    open_clip = _open_clip()
+    open_clip = import_open_clip()
     name = path.stem
     known = open_clip.get_model_config(name)
     if known is None:
@@ -207,7 +212,7 @@ def _register_config(path: str | Path) -> str:
 
 def _model_name(name: str) -> str:
     """A registered open_clip model name; configs in :data:`DEMO_CONFIG_DIR` register on demand."""
-    open_clip = _open_clip()
+    open_clip = import_open_clip()
     if name in open_clip.list_models():
         return name
     demo = DEMO_CONFIG_DIR / f"{name}.json"
@@ -220,7 +225,7 @@ def _model_name(name: str) -> str:
 
 def _weights_source(name: str, tag: str | None = None) -> tuple[str, str]:
     """(which weights to get and from where, a QuickGELU note or "") for model ``name``."""
-    open_clip = _open_clip()
+    open_clip = import_open_clip()
     tags = open_clip.list_pretrained_tags_by_model(name)
     if tag is None and tags:
         tag = "openai" if "openai" in tags else tags[0]
@@ -341,7 +346,7 @@ def _resolve(spec: str, cache_dir: str | Path | None, allow_download: bool) -> _
     if left.endswith(".json"):
         raise _missing_weights(_register_config(left), weights.resolve())
     name = _model_name(left)
-    if right in _open_clip().list_pretrained_tags_by_model(name):
+    if right in import_open_clip().list_pretrained_tags_by_model(name):
         if allow_download:
             return _Resolved(name, right, f"open_clip tag '{right}'")
         what, note = _weights_source(name, right)
@@ -404,7 +409,7 @@ def load_clip(spec: str, *, device: torch.device | str = "cpu", allow_download: 
         raise ClipLoadError(f"CLIP spec must be a non-empty str such as 'ViT-B-32-quickgelu:FILE', "
                             f"got {spec!r}")
     resolved = _resolve(spec.strip(), cache_dir, allow_download)
-    open_clip = _open_clip()
+    open_clip = import_open_clip()
     try:
         model = _create(open_clip, resolved.model_name, resolved.pretrained, device)
     except Exception as err:  # noqa: BLE001 - torch, pickle and safetensors raise many types
@@ -448,7 +453,7 @@ def random_clip(name_or_config_json: str, *, seed: int = 0,
         name = _register_config(name_or_config_json)
     else:
         name = _model_name(name_or_config_json)
-    open_clip = _open_clip()
+    open_clip = import_open_clip()
     with torch.random.fork_rng(devices=[]), _quiet_logging():
         torch.manual_seed(seed)
         model = _create(open_clip, name, None, device)

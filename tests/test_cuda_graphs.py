@@ -82,3 +82,25 @@ def test_graphed_demo_optimization_equals_eager_on_cuda():
     assert torch.equal(eager.segment_counts, fast.segment_counts)
     assert torch.allclose(eager.best_loss, fast.best_loss, rtol=1e-4)
     assert torch.allclose(eager.images, fast.images, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_warm_up_thread_captures_the_graphs_the_job_replays_on_cuda():
+    """cli.common.warm_cuda captures the forward and every VJP bucket; optimize() then only replays them."""
+    from cli.common import warm_cuda
+    from flowgrad.models import load_model
+
+    velocity = load_model("demo", device="cuda")
+    graphed = GraphedVelocity(velocity)
+    thread = warm_cuda(torch.device("cuda"), graphed, 6)
+    thread.join()
+    assert graphed.captures == 5  # forward 6; VJPs in buckets 6, 4, 2, 1 (power-of-two subsets, capped at 6)
+    z0 = torch.randn(6, 3, 64, 64, device="cuda")
+    target = torch.rand_like(z0) * 2 - 1
+    loss = lambda x: (x - target).abs().flatten(1).mean(1)  # noqa: E731
+    cfg = flowgrad.FlowGradConfig(n_steps=12, iterations=3, lr=1.0)
+    fast = flowgrad.optimize(graphed, z0, loss, config=cfg)
+    eager = flowgrad.optimize(velocity, z0, loss, config=cfg)
+    assert graphed.replays > 0 and graphed.captures == 5
+    assert torch.allclose(eager.best_loss, fast.best_loss, rtol=1e-4)
+    assert torch.allclose(eager.images, fast.images, atol=1e-3)
