@@ -66,16 +66,21 @@ def test_graphs_replay_the_eager_forward_and_vjp_on_cuda():
     assert graphed.captures == 4
 
 
+def _demo_problem():
+    """Six demo latents on the GPU, an L1 loss to a random target and a short optimization config."""
+    z0 = torch.randn(6, 3, 64, 64, device="cuda")
+    target = torch.rand_like(z0) * 2 - 1
+    loss = lambda x: (x - target).abs().flatten(1).mean(1)  # noqa: E731
+    return z0, loss, flowgrad.FlowGradConfig(n_steps=12, iterations=3, lr=1.0)
+
+
 @pytest.mark.gpu
 def test_graphed_demo_optimization_equals_eager_on_cuda():
     from flowgrad.models import load_model
 
     velocity = load_model("demo", device="cuda")
     graphed = GraphedVelocity(velocity)
-    z0 = torch.randn(6, 3, 64, 64, device="cuda")
-    target = torch.rand_like(z0) * 2 - 1
-    loss = lambda x: (x - target).abs().flatten(1).mean(1)  # noqa: E731
-    cfg = flowgrad.FlowGradConfig(n_steps=12, iterations=3, lr=1.0)
+    z0, loss, cfg = _demo_problem()
     eager = flowgrad.optimize(velocity, z0, loss, config=cfg)
     fast = flowgrad.optimize(graphed, z0, loss, config=cfg)
     assert graphed.replays > 0
@@ -95,10 +100,7 @@ def test_warm_up_thread_captures_the_graphs_the_job_replays_on_cuda():
     thread = warm_cuda(torch.device("cuda"), graphed, 6)
     thread.join()
     assert graphed.captures == 5  # forward 6; VJPs in buckets 6, 4, 2, 1 (power-of-two subsets, capped at 6)
-    z0 = torch.randn(6, 3, 64, 64, device="cuda")
-    target = torch.rand_like(z0) * 2 - 1
-    loss = lambda x: (x - target).abs().flatten(1).mean(1)  # noqa: E731
-    cfg = flowgrad.FlowGradConfig(n_steps=12, iterations=3, lr=1.0)
+    z0, loss, cfg = _demo_problem()
     fast = flowgrad.optimize(graphed, z0, loss, config=cfg)
     eager = flowgrad.optimize(velocity, z0, loss, config=cfg)
     assert graphed.replays > 0 and graphed.captures == 5
