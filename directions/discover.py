@@ -384,6 +384,8 @@ def _mean_direction(cfg: DiscoveryConfig, local: dict[int, tuple[dict, dict]], o
         half_of[ok_pos[perm[: n_ok // 2]]] = 0
         half_of[ok_pos[perm[n_ok // 2:]]] = 1
 
+    # Each batch is converted to float64 twice (sums, then projections): keeping the float64 copies between the
+    # two passes would double the memory this function exists to bound.
     def rows(b: int) -> np.ndarray:
         return local[b][0]["controls"].reshape(sizes[b], -1).astype(np.float64)
 
