@@ -235,3 +235,34 @@ def test_aggregate_benchmark_tiny_run() -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     line = proc.stdout.strip().splitlines()[-1]
     assert line.startswith("45 images:") and line.endswith("same result: True"), line
+
+
+@pytest.mark.slow
+def test_robust_clip_fine_tune_writes_a_loadable_data_copy(tmp_path: Path) -> None:
+    """robust_clip.py train: two adversarial steps, then the copy loads (sha256 checked) and is checked."""
+    if not (ROOT / "data" / "demo" / "tiny_clip.pt").is_file():
+        pytest.skip("demo weights are not in data/demo")
+    out = tmp_path / "data"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(BENCH / "robust_clip.py"), "train", "--steps", "2", "--batch-size", "8", "--n", "16",
+           "--eps", "1", "--out", str(out), "--device", "cpu"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    committed = json.loads((ROOT / "data" / "demo" / "manifest.json").read_text())["files"]["tiny_clip.pt"]
+    entry = json.loads((out / "demo" / "manifest.json").read_text())["files"]["tiny_clip.pt"]
+    assert entry["fine_tuned_from"] == committed["sha256"] != entry["sha256"]
+    assert entry["robust_eps"] == 1.0 and entry["steps"] == 2
+    lines = [ln for ln in proc.stdout.splitlines() if "gradient cosine" in ln]
+    assert [ln.split(":")[0] for ln in lines] == ["old", "smiling"]  # the copy loaded (sha256 matched) and ran
+    assert (out / "demo" / "flow.pt").read_bytes() == (ROOT / "data" / "demo" / "flow.pt").read_bytes()
+
+
+def test_clip_gradient_check_on_the_committed_clip() -> None:
+    """The committed tiny CLIP tells old from young and its margin rises when the renderer ages a face."""
+    import robust_clip
+
+    torch.manual_seed(0)
+    result = robust_clip.check(None, 24, torch.device("cpu"))
+    assert set(result) == {"old", "smiling"}
+    assert result["old"]["zero_shot"] >= 0.9 and result["old"]["margin_response"] > 0.1
+    assert -1 <= result["old"]["gradient_cosine"] <= 1 and result["smiling"]["margin_response"] > 0.05
