@@ -240,8 +240,11 @@ class JobCheckpoint:
         return sorted(int(match.group(1)) for match in found if match)
 
     def save_batch(self, index: int, arrays: Mapping[str, np.ndarray],
-                   records: Mapping[str, Any]) -> None:
+                   records: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], Records]:
         """Atomically store batch ``index`` (replacing an earlier copy of the same batch).
+
+        Returns what :meth:`load_batch` will read back (arrays as numpy arrays, string record columns
+        as ``np.str_`` arrays), so a caller that keeps it need not reload the file.
 
         Args:
             index: batch number >= 0 (batch i covers images [i*bs, (i+1)*bs)).
@@ -260,6 +263,7 @@ class JobCheckpoint:
         if not self.directory.is_dir() or not (self.directory / SETTINGS_FILE).is_file():
             self._write_settings()
         _atomic_write(self._batch_path(index), lambda handle: np.savez(handle, **payload))
+        return {key[len(_ARRAY_PREFIX):]: payload[key] for key in payload if key.startswith(_ARRAY_PREFIX)}, columns
 
     def load_batch(self, index: int) -> tuple[dict[str, np.ndarray], Records]:
         """Arrays and record columns of one finished batch (string columns as ``np.str_`` arrays).

@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -295,7 +295,9 @@ def discover(cfg: DiscoveryConfig, velocity, clip, store_path: str | Path, *, re
             done = set(ckpt.done_batches())
             mine = [b for b in range(cfg.n_batches) if b % world == rank]
             # A finished batch is written (and fsynced) by a helper thread while the next one runs; at most
-            # one write is pending, and leaving the block (also on an error or Ctrl-C) waits for it.
+            # one write is pending, and leaving the block (also on an error or Ctrl-C) waits for it. The
+            # batches of this run stay in memory for the aggregation (only resumed ones are read back).
+            written: dict[int, Future] = {}
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowgrad-checkpoint") as writer:
                 pending = None
                 for b in mine:
@@ -311,13 +313,13 @@ def discover(cfg: DiscoveryConfig, velocity, clip, store_path: str | Path, *, re
                     arrays, records = _run_batch(cfg, velocity, clip, b, device, load_image, report)
                     if pending is not None:
                         pending.result()
-                    pending = writer.submit(ckpt.save_batch, b, arrays, records)
+                    pending = written[b] = writer.submit(ckpt.save_batch, b, arrays, records)
                     done.add(b)
                 if pending is not None:
                     pending.result()
             dist.barrier()
-            local = {b: ckpt.load_batch(b) for b in mine}
-            direction = _aggregate(cfg, velocity, local, settings, time.perf_counter() - t0)
+            local = {b: written[b].result() if b in written else ckpt.load_batch(b) for b in mine}
+            direction = _aggregate(cfg, velocity, local, settings, time.perf_counter() - t0, device)
         if rank != 0:
             return None
         store.write(direction)
@@ -364,15 +366,22 @@ def _concat(parts: list[dict]) -> dict:
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
+BLOCK_ELEMENTS = 1 << 25
+"""Float64 elements per block of rows in the mean aggregation (256 MiB)."""
+
+
 def _mean_direction(cfg: DiscoveryConfig, local: dict[int, tuple[dict, dict]], order: list[int],
-                    ok: np.ndarray, dim: int):
+                    ok: np.ndarray, dim: int, device: torch.device | None = None):
     """Mean aggregator over ranks: all-reduce of partial sums; only scalars per image are gathered.
 
-    Works one batch at a time (float64 per batch, the float32 controls as stored), so its memory
-    beyond the loaded batches is a few vectors of length ``dim`` whatever the number of images.
+    Works one block of rows at a time (float64 on ``device``, the job's, from the float32 controls as
+    stored), so its memory beyond the loaded batches is a few vectors of length ``dim`` and one block,
+    whatever the number of images. On a GPU the float64 sums and projections take a fraction of a second
+    where NumPy on one host core took seconds (2,048 demo images: 6.2 s).
 
     Returns (unit, scale, per-image cosine (n,), split-half cosine).
     """
+    device = torch.device("cpu") if device is None else device
     sizes = {b: len(cfg.batch_indices(b)) for b in order}
     offsets = dict(zip(order, np.cumsum([0] + [sizes[b] for b in order])[:-1]))
     positions = {b: np.arange(offsets[b], offsets[b] + sizes[b]) for b in sorted(local)}
@@ -383,29 +392,38 @@ def _mean_direction(cfg: DiscoveryConfig, local: dict[int, tuple[dict, dict]], o
         ok_pos = np.flatnonzero(ok)
         half_of[ok_pos[perm[: n_ok // 2]]] = 0
         half_of[ok_pos[perm[n_ok // 2:]]] = 1
+    block = max(1, BLOCK_ELEMENTS // max(dim, 1))  # rows per float64 block
 
-    # Each batch is converted to float64 twice (sums, then projections): keeping the float64 copies between the
-    # two passes would double the memory this function exists to bound.
-    def rows(b: int) -> np.ndarray:
-        return local[b][0]["controls"].reshape(sizes[b], -1).astype(np.float64)
+    # Each block is converted to float64 twice (sums, then projections): keeping the float64 copies between the
+    # two passes would make the memory grow with the number of images, which this function exists to bound.
+    def blocks(b: int):
+        controls = local[b][0]["controls"].reshape(sizes[b], -1)
+        for lo in range(0, sizes[b], block):
+            rows = controls[lo:lo + block]
+            # host: NumPy converts to float64 about twice as fast as torch; GPU: send float32, convert there
+            x = (torch.from_numpy(rows.astype(np.float64)) if device.type == "cpu"
+                 else torch.from_numpy(np.ascontiguousarray(rows)).to(device).double())
+            yield positions[b][lo:lo + block], x
 
-    sums = np.zeros((3, dim))  # all ok images, first half, second half
-    norms = {}
-    for b, pos in positions.items():
-        x = rows(b)
-        sums[0] += x[ok[pos]].sum(0)
-        sums[1] += x[half_of[pos] == 0].sum(0)
-        sums[2] += x[half_of[pos] == 1].sum(0)
-        norms[b] = np.linalg.norm(x, axis=1)
-    sums = dist.all_reduce_sum(sums)
+    sums = torch.zeros(3, dim, dtype=torch.float64, device=device)  # all ok images, first half, second half
+    norms = np.zeros(len(ok))
+    for b in positions:
+        for pos, x in blocks(b):
+            norms[pos] = torch.linalg.vector_norm(x, dim=1).cpu().numpy()
+            x[torch.from_numpy(~ok[pos]).to(device)] = 0.0  # skipped rows may be NaN: 0 * NaN would spoil the sums
+            weights = np.stack([ok[pos], half_of[pos] == 0, half_of[pos] == 1]).astype(np.float64)
+            sums += torch.from_numpy(weights).to(device) @ x
+    sums = dist.all_reduce_sum(sums.cpu().numpy())
     if not np.linalg.norm(sums[0]) > 0:
         raise ValueError("the mean control is zero: no image moved; raise --iterations or --lr")
     unit = sums[0] / np.linalg.norm(sums[0])
+    unit_t = torch.from_numpy(unit).to(device)
     proj_all, cos_all = np.zeros(len(ok)), np.zeros(len(ok))
     mine = []
-    for b, pos in positions.items():
-        proj = rows(b) @ unit
-        mine.append((pos, proj, np.divide(proj, norms[b], out=np.zeros_like(proj), where=norms[b] > 0)))
+    for b in positions:
+        for pos, x in blocks(b):
+            proj = (x @ unit_t).cpu().numpy()
+            mine.append((pos, proj, np.divide(proj, norms[pos], out=np.zeros_like(proj), where=norms[pos] > 0)))
     for part in dist.all_gather(mine):
         for p, pr, co in part:
             proj_all[p], cos_all[p] = pr, co
@@ -419,8 +437,11 @@ def _mean_direction(cfg: DiscoveryConfig, local: dict[int, tuple[dict, dict]], o
 
 
 def _aggregate(cfg: DiscoveryConfig, velocity, local: dict[int, tuple[dict, dict]], settings: dict,
-               seconds: float) -> Direction:
-    """Aggregate the batches of all ranks (``local`` holds this rank's: batch -> (arrays, records))."""
+               seconds: float, device: torch.device | None = None) -> Direction:
+    """Aggregate the batches of all ranks (``local`` holds this rank's: batch -> (arrays, records)).
+
+    The mean aggregator computes on ``device`` (the job's); the others on the host (scikit-learn).
+    """
     gathered: dict[int, dict] = {}
     for part in dist.all_gather({b: rec for b, (_, rec) in local.items()}):
         gathered.update(part)
@@ -442,7 +463,7 @@ def _aggregate(cfg: DiscoveryConfig, velocity, local: dict[int, tuple[dict, dict
         controls = full["controls"]
     info: dict = {}
     if cfg.aggregator == "mean":
-        unit, scale, cosine, half = _mean_direction(cfg, local, order, ok, int(np.prod(shape)))
+        unit, scale, cosine, half = _mean_direction(cfg, local, order, ok, int(np.prod(shape)), device)
         inlier = ok.copy()
     else:
         kwargs = {}

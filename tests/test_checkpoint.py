@@ -39,9 +39,15 @@ def batch_content(index: int, size: int = 3) -> tuple[dict, dict]:
 def test_save_load_round_trip(tmp_path):
     checkpoint = JobCheckpoint.open(tmp_path / "job", SETTINGS, resume=False)
     arrays, records = batch_content(0)
-    checkpoint.save_batch(0, arrays, records)
+    kept_arrays, kept_records = checkpoint.save_batch(0, arrays, records)
     assert checkpoint.done_batches() == [0]
     back_arrays, back_records = checkpoint.load_batch(0)
+    # what save_batch returns is what load_batch reads back: same columns, order, dtypes and values
+    for kept, back in ((kept_arrays, back_arrays), (kept_records, back_records)):
+        assert list(kept) == list(back)
+        for key in back:
+            assert kept[key].dtype == back[key].dtype and kept[key].shape == back[key].shape, key
+            np.testing.assert_array_equal(kept[key], back[key])
     assert back_arrays["offsets"].dtype == np.float32
     assert back_arrays["offsets"].tobytes() == arrays["offsets"].tobytes()
     assert list(back_records) == ["seed", "loss", "status", "kept", "source"]

@@ -3,6 +3,7 @@ batch discovery (with resume) through the Python API."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from dataclasses import replace
@@ -463,24 +464,32 @@ def test_discover_mean_path_agrees_with_aggregate(discovered):
     np.testing.assert_allclose(d.records["cosine_to_direction"][ok], cos[ok], rtol=1e-4, atol=1e-6)
 
 
-def test_mean_path_batch_by_batch_equals_aggregate_on_all_controls():
-    """The batch-wise mean aggregation (uneven last batch, skipped images) equals aggregate() on all rows."""
-    from directions.discover import _mean_direction
-
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("block_elements", [1 << 25, 96])
+def test_mean_path_batch_by_batch_equals_aggregate_on_all_controls(monkeypatch, device, block_elements):
+    """The batch-wise mean aggregation (uneven last batch, skipped images, batches split into blocks of rows,
+    on the host or the GPU) equals aggregate() on all rows."""
+    discover_module = importlib.import_module("directions.discover")
+    monkeypatch.setattr(discover_module, "BLOCK_ELEMENTS", block_elements)  # 96: two rows of 48 per block
     cfg = tiny_config(n_images=11, batch_size=4, seed=3)
     rng = np.random.default_rng(5)
     controls = (rng.standard_normal((11, 4, 3, 2, 2)) + 0.5).astype(np.float32)
     ok = np.ones(11, dtype=bool)
     ok[[1, 6]] = False
     controls[6] = 1e3  # a skipped image must not enter any sum
+    controls[1, 0, 0, 0, 0] = np.nan  # nor a non-finite one
     local = {b: ({"controls": controls[cfg.batch_indices(b)]}, {}) for b in range(cfg.n_batches)}
-    unit, scale, cosine, half = _mean_direction(cfg, local, list(range(cfg.n_batches)), ok, 48)
+    unit, scale, cosine, half = discover_module._mean_direction(cfg, local, list(range(cfg.n_batches)), ok, 48,
+                                                                torch.device(device))
     x = controls.reshape(11, -1).astype(np.float64)
     agg = aggregate(x[ok], "mean")
     np.testing.assert_allclose(unit, agg.unit, rtol=1e-12, atol=1e-14)
     assert scale == pytest.approx(agg.scale, rel=1e-12)
     assert half == pytest.approx(split_half_cosine(x[ok], "mean", seed=3), rel=1e-12)
-    np.testing.assert_allclose(cosine, x @ agg.unit / np.linalg.norm(x, axis=1), rtol=1e-12)
+    finite = np.arange(11) != 1
+    np.testing.assert_allclose(cosine[finite], (x @ agg.unit / np.linalg.norm(x, axis=1))[finite], rtol=1e-12)
+    assert cosine[1] == 0.0  # a NaN norm gives cosine 0, as before
 
 
 @pytest.mark.parametrize("method", ["pc1", "probe"])
