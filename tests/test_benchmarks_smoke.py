@@ -258,11 +258,13 @@ def test_robust_clip_fine_tune_writes_a_loadable_data_copy(tmp_path: Path) -> No
 
 
 def test_clip_gradient_check_on_the_committed_clip() -> None:
-    """The committed tiny CLIP tells old from young and its margin rises when the renderer ages a face."""
+    """The committed tiny CLIP tells old from young, its margin rises when the renderer ages a face (or adds a
+    smile), and its pixel gradient points, if weakly, along the renderer's true change (cosine > 0)."""
     import robust_clip
 
     torch.manual_seed(0)
     result = robust_clip.check(None, 24, torch.device("cpu"))
     assert set(result) == {"old", "smiling"}
     assert result["old"]["zero_shot"] >= 0.9 and result["old"]["margin_response"] > 0.1
-    assert -1 <= result["old"]["gradient_cosine"] <= 1 and result["smiling"]["margin_response"] > 0.05
+    assert result["smiling"]["margin_response"] > 0.05
+    assert 0 < result["old"]["gradient_cosine"] < 0.2 and 0 < result["smiling"]["gradient_cosine"] < 0.2

@@ -94,5 +94,6 @@ def main() -> None:
         print(f"{n} images: checkpoint writes {write:.2f} s, reload {load:.2f} s; mean aggregation "
               f"one float64 matrix {t_ref:.2f} s, {', '.join(timings)}; same result: {same}")
 
+
 if __name__ == "__main__":
     main()
