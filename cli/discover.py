@@ -33,11 +33,12 @@ def _slug(text: str) -> str:
               help="'demo', NAME:FILE, CONFIG_JSON:FILE, a model folder or hf-hub:ORG/REPO (local cache).")
 @click.option("--images", "images", type=click.Path(file_okay=False, exists=True), default=None,
               help="Folder of real images to invert (default: fresh seeded samples).")
-@click.option("--n-images", type=int, default=32, show_default=True)
+@click.option("--n-images", type=int, default=None, help="Images to optimize [default: 32, or the attribute's "
+              "registry recipe].")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--steps", "n_steps", type=int, default=20, show_default=True, help="Euler steps N.")
 @click.option("--iterations", type=int, default=6, show_default=True)
-@click.option("--lr", type=float, default=10.0, show_default=True)
+@click.option("--lr", type=float, default=None, help="Step size [default: 10, or the attribute's recipe].")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
 @click.option("--threshold", type=float, default=5e-3, show_default=True,
               help="Straightness threshold (0: exact backprop).")
@@ -50,8 +51,12 @@ def _slug(text: str) -> str:
 @click.option("--preserve", "preserve", multiple=True, metavar="ATTR",
               help="Registry attribute the edit should leave alone (repeatable; default with --attr: its "
                    "registry 'preserve' list). Used when --preserve-weight > 0.")
-@click.option("--preserve-weight", type=float, default=0.0, show_default=True,
-              help="Weight of the term holding the preserved attributes' CLIP scores (0: off).")
+@click.option("--preserve-weight", type=float, default=None,
+              help="Weight of the term holding the preserved attributes' CLIP scores [default: 0 = off, or the "
+                   "attribute's recipe].")
+@click.option("--off-axis-weight", type=float, default=None,
+              help="Weight of the term charging what CLIP sees change besides the prompt's direction "
+                   "[default: 0 = off, or the attribute's recipe; old: 0.5].")
 @click.option("--aggregator", type=click.Choice(["mean", "pc1", "pca", "probe", "robust", "joint"]),
               default="mean", show_default=True,
               help="How the direction is formed: an aggregate of per-image controls, or 'joint': one "
@@ -66,8 +71,8 @@ def _slug(text: str) -> str:
 @friendly_errors
 def discover_directions(attr, prompt, negative, name, model, model_config, bf16, compile_model, clip, images, n_images,
                         batch_size, n_steps, iterations, lr, optimizer, threshold, alpha, replicas, t_window,
-                        coarse_forward, cuda_graphs, preserve, preserve_weight, aggregator, seed, device, store_path,
-                        keep_offsets, resume, verbose) -> None:
+                        coarse_forward, cuda_graphs, preserve, preserve_weight, off_axis_weight, aggregator, seed,
+                        device, store_path, keep_offsets, resume, verbose) -> None:
     """Discover a global semantic direction with FlowGrad and store it in an HDF5 file.
 
     Runs under torchrun too: `torchrun --nproc-per-node K discover-directions ...` shares the batches
@@ -85,13 +90,21 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
 
     if bool(attr) == bool(prompt):
         raise CliError("give exactly one of --attr NAME or --prompt TEXT")
+    recipe = {}
     if attr:
         a = get_attribute(attr)
         prompt, negative = a.prompt, a.negative_prompt if negative is None else negative
         name = name or a.name
+        recipe = dict(a.discovery)
     name = name or _slug(prompt)
-    if preserve_weight < 0:
-        raise CliError(f"--preserve-weight must be >= 0, got {preserve_weight}")
+    # an option given on the command line, else the attribute's registry recipe, else the built-in default
+    n_images = recipe.get("n_images", 32) if n_images is None else n_images
+    lr = recipe.get("lr", 10.0) if lr is None else lr
+    preserve_weight = recipe.get("preserve_weight", 0.0) if preserve_weight is None else preserve_weight
+    off_axis_weight = recipe.get("off_axis_weight", 0.0) if off_axis_weight is None else off_axis_weight
+    for flag, value in (("--preserve-weight", preserve_weight), ("--off-axis-weight", off_axis_weight)):
+        if not value >= 0:
+            raise CliError(f"{flag} must be >= 0, got {value}")
     keep_names = list(preserve) or (list(a.preserve) if attr else [])
     keep = preserve_pairs(keep_names, load_registry()) if preserve_weight > 0 else ()
     if preserve_weight > 0 and not keep:
@@ -102,8 +115,8 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
     cfg = DiscoveryConfig(name=name, prompt=prompt, negative_prompt=negative or "", model=model, clip=clip,
                           images=str(Path(images).resolve()) if images else None, n_images=n_images,
                           batch_size=batch_size, seed=seed, flowgrad=fg, alpha=alpha, replicas=replicas,
-                          preserve=keep, preserve_weight=preserve_weight, aggregator=aggregator,
-                          keep_offsets=keep_offsets)
+                          preserve=keep, preserve_weight=preserve_weight, off_axis_weight=off_axis_weight,
+                          aggregator=aggregator, keep_offsets=keep_offsets)
     with dist.process_group(pick_device(device).type) as dev:
         rank, world = dist.rank_and_world()
         t0 = time.perf_counter()

@@ -17,6 +17,8 @@ from .common import (bf16_option, coarse_option, compile_option, console, friend
 @click.option("--prompt", required=True, help='e.g. "A photo of a smiling face."')
 @click.option("--negative", default=None, help="Optional negative prompt (directional CLIP loss).")
 @click.option("--alpha", type=float, default=0.7, show_default=True, help="CLIP weight; 1-alpha weighs L1.")
+@click.option("--off-axis-weight", type=float, default=0.0, show_default=True,
+              help="Weight of the term charging what CLIP sees change besides the prompt's direction (0: off).")
 @click.option("--model", default="demo", show_default=True)
 @click.option("--model-config", default=None)
 @bf16_option
@@ -36,8 +38,9 @@ from .common import (bf16_option, coarse_option, compile_option, console, friend
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("-v", "--verbose", is_flag=True)
 @friendly_errors
-def edit(image, prompt, negative, alpha, model, model_config, bf16, compile_model, clip, n_steps, iterations, lr,
-         threshold, coarse_forward, cuda_graphs, replicas, invert_method, seed, device, out_dir, verbose) -> None:
+def edit(image, prompt, negative, alpha, off_axis_weight, model, model_config, bf16, compile_model, clip, n_steps,
+         iterations, lr, threshold, coarse_forward, cuda_graphs, replicas, invert_method, seed, device, out_dir,
+         verbose) -> None:
     """Invert IMAGE, optimize it towards --prompt with FlowGrad, and write original/reconstruct/optimized PNGs
     plus metrics.json."""
     setup_logging(verbose)
@@ -72,7 +75,7 @@ def edit(image, prompt, negative, alpha, model, model_config, bf16, compile_mode
     recon_rmse = rmse(start.final, x1)
     timings["inversion"] = time.perf_counter() - t
     loss = ClipLoss(guidance, prompt, negative_prompt=negative, source=original, alpha=alpha,
-                    replicas=replicas or (4 if demo else 20), seed=seed)
+                    replicas=replicas or (4 if demo else 20), seed=seed, off_axis_weight=off_axis_weight)
     t = time.perf_counter()
     with progress_bar(total=iterations + 1, desc="flowgrad", unit="it") as bar:
         def callback(info) -> None:
@@ -92,7 +95,8 @@ def edit(image, prompt, negative, alpha, model, model_config, bf16, compile_mode
     save_image(optimized[0], out_dir / "optimized.png")
     with torch.no_grad():
         metrics = {
-            "prompt": prompt, "negative_prompt": negative, "alpha": alpha, "model": model, "clip": clip,
+            "prompt": prompt, "negative_prompt": negative, "alpha": alpha, "off_axis_weight": off_axis_weight,
+            "model": model, "clip": clip,
             "clip_score_original": float(clip_score(guidance, original, prompt)[0]),
             "clip_score_reconstruct": float(clip_score(guidance, reconstructed, prompt)[0]),
             "clip_score_optimized": float(clip_score(guidance, optimized, prompt)[0]),

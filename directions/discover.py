@@ -59,6 +59,8 @@ class DiscoveryConfig:
         preserve: (prompt, negative_prompt) pairs of attributes the edit should leave alone; their CLIP
             scores are held near the unedited image's (see :class:`~flowgrad.clip_guidance.ClipLoss`).
         preserve_weight: weight of that term (0: off).
+        off_axis_weight: weight of the guidance loss's off-axis term: what CLIP sees change besides the
+            prompt's direction (0: off; see :class:`~flowgrad.clip_guidance.ClipLoss`).
         aggregator: how per-image controls become one direction, or "joint": optimize one control shared
             by all images instead (:mod:`directions.joint`).
         invert_method: inversion solver for real images.
@@ -82,6 +84,7 @@ class DiscoveryConfig:
     directional: bool = True
     preserve: tuple[tuple[str, str], ...] = ()
     preserve_weight: float = 0.0
+    off_axis_weight: float = 0.0
     aggregator: Method = "mean"
     invert_method: str = "euler"
     keep_offsets: bool = False
@@ -95,8 +98,9 @@ class DiscoveryConfig:
                 raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        if not self.preserve_weight >= 0.0:
-            raise ValueError(f"preserve_weight must be >= 0, got {self.preserve_weight}")
+        for key in ("preserve_weight", "off_axis_weight"):
+            if not getattr(self, key) >= 0.0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         object.__setattr__(self, "preserve", tuple((str(p), str(n)) for p, n in self.preserve))
         if self.aggregator == "joint" and self.flowgrad.optimizer != "sgd":
             raise ValueError("--aggregator joint uses SGD on the shared control; drop --optimizer adam")
@@ -229,7 +233,8 @@ def _optimize_images(cfg: DiscoveryConfig, velocity, clip, b: int, idx: list[int
     seed = cfg.seed * 1_000_003 + b + (0 if idx[0] == cfg.batch_indices(b)[0] else 7_919 * (idx[0] + 1))
     preserve = cfg.preserve if cfg.preserve_weight > 0 else ()
     loss = ClipLoss(clip, cfg.prompt, negative_prompt=negative, source=source, alpha=cfg.alpha,
-                    replicas=cfg.replicas, seed=seed, preserve=preserve, preserve_weight=cfg.preserve_weight)
+                    replicas=cfg.replicas, seed=seed, preserve=preserve, preserve_weight=cfg.preserve_weight,
+                    off_axis_weight=cfg.off_axis_weight)
     result = optimize(velocity, z0, lambda x: loss(velocity.to_image(x)), config=cfg.flowgrad, initial=start,
                       callback=lambda info: report(info.iteration, float(np.nanmean(info.losses.numpy()))))
     with torch.no_grad():

@@ -144,7 +144,8 @@ def optimize_joint(cfg, velocity, clip, inputs: BatchInputs, ckpt, device: torch
         raise _out_of_memory(device, cfg.batch_size) from None
     # One loss per batch (text embeddings once); its augmentation draws are reseeded per (batch, iteration).
     losses_of = {b: ClipLoss(clip, cfg.prompt, negative_prompt=negative, source=cache[b][1], alpha=cfg.alpha,
-                             replicas=cfg.replicas, preserve=preserve, preserve_weight=cfg.preserve_weight)
+                             replicas=cfg.replicas, preserve=preserve, preserve_weight=cfg.preserve_weight,
+                             off_axis_weight=cfg.off_axis_weight)
                  for b in mine}
     for it in range(start, iters + 1):
         last = it == iters  # the final evaluation: its gradients only give the per-image cosines

@@ -9,15 +9,19 @@ DiffAugment-style augmented (:mod:`flowgrad.augment`), resized to the CLIP input
 with the model's mean/std and scored against the prompt; an optional L1 term keeps the image
 close to a source image::
 
-    loss_b = alpha * clip_b + (1 - alpha) * l1_b + beta * keep_b
+    loss_b = alpha * (clip_b + w * off_b) + (1 - alpha) * l1_b + beta * keep_b
     clip_b = mean_r [ -cos(E(aug_r(x_b)), e_text) ]                          (no negative prompt)
     clip_b = mean_r [ -(cos(E(aug_r(x_b)), e_text) - cos(E(aug_r(x_b)), e_neg)) ]  (directional)
     l1_b   = mean_{c,h,w} |x_b - source_b|                                   (0 without a source)
     keep_b = mean_k | mean_r [ s_k(aug_r(x_b)) - s_k(aug_r(source_b)) ] |   (without preserved prompts: none)
+    off_b  = mean_r |P (E(aug_r(x_b)) - E(aug_r(source_b)))|                (w = 0: none)
 
 where ``s_k`` is the (directional) score of the k-th *preserved* prompt pair: attributes the edit
 should leave alone (e.g. hair colour while ageing), compared with the source under the same
-augmentations.
+augmentations, and ``P`` removes the component along the text direction ``e_text - e_neg`` (``e_text``
+without a negative prompt): the *off-axis* term charges every change CLIP sees that is not the
+requested one, the idea of the directional CLIP loss of StyleGAN-NADA (Gal et al. 2022) and
+DiffusionCLIP (Kim et al. 2022) kept as a penalty next to FlowGrad's score (``|.|`` smoothed at 0).
 
 Images outside the engine are float tensors in [0, 1] of shape (B, 3, H, W), any H and W.
 """
@@ -57,6 +61,7 @@ HF_WEIGHT_NAMES = (
 """Weight files of a Hugging Face hub layout folder, in open_clip's order of preference."""
 HF_HUB_PREFIX = "hf-hub:"
 INSTALL_HINT = "open_clip is not installed; install it with `pip install open_clip_torch`"
+OFF_AXIS_SMOOTHING = 0.02  # the off-axis norm is smoothed below this distance between unit embeddings
 _CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 _DEFAULT_HF_WEIGHTS = "open_clip_pytorch_model.bin"
 
@@ -472,24 +477,28 @@ class ClipLossTerms:
         clip: mean over replicas of ``-cos`` (or the directional difference).
         l1: mean absolute difference to the source image (zeros without a source).
         keep: mean absolute change of the preserved prompts' scores (None without any).
+        off_axis: mean norm of the image embedding's change off the text direction (None when its
+            weight is 0).
     """
 
     loss: Tensor
     clip: Tensor
     l1: Tensor
     keep: Tensor | None = None
+    off_axis: Tensor | None = None
 
     def detach(self) -> ClipLossTerms:
         """The same terms without autograd history."""
         return ClipLossTerms(self.loss.detach(), self.clip.detach(), self.l1.detach(),
-                             None if self.keep is None else self.keep.detach())
+                             None if self.keep is None else self.keep.detach(),
+                             None if self.off_axis is None else self.off_axis.detach())
 
 
 class ClipLoss:
     """FlowGrad's CLIP guidance loss with per-image values.
 
-    ``loss_b = alpha * clip_b + (1 - alpha) * l1_b`` where, over ``replicas`` augmented copies
-    ``a_{b,r}`` of image ``b``:
+    ``loss_b = alpha * (clip_b + off_axis_weight * off_b) + (1 - alpha) * l1_b + preserve_weight * keep_b``
+    where, over ``replicas`` augmented copies ``a_{b,r}`` of image ``b``:
 
     * without a negative prompt: ``clip_b = mean_r -cos(E(a_{b,r}), e_prompt)``;
     * with one (directional): ``clip_b = mean_r -(cos(E(a_{b,r}), e_prompt) -
@@ -499,6 +508,11 @@ class ClipLoss:
       where ``a'_{b,r}`` is the source under the same augmentation as ``a_{b,r}`` and
       ``s_k(a) = cos(E(a), e_k) - cos(E(a), e_k^neg)`` (just ``cos(E(a), e_k)`` for a pair without a
       negative). It keeps what CLIP sees of other attributes where it was (needs a source).
+    * ``off_b = mean_r sqrt(|P (E(a_{b,r}) - E(a'_{b,r}))|^2 + d^2) - d`` with ``P`` the projection
+      off the unit text direction (prompt minus negative, or the prompt alone) and
+      ``d = OFF_AXIS_SMOOTHING``: what the edit changes in CLIP's view besides the requested
+      attribute, of every kind and not only the preserved prompts' (needs a source). On the demo
+      world it moved old's gain-versus-leakage frontier (``tests/benchmarks/RESULTS.md`` 4.3, round 17).
 
     Augmentation parameters are drawn per image per replica from the loss's own CPU generator
     (seeded once with ``seed``), so a sequence of calls is reproducible and image ``b``'s loss
@@ -513,7 +527,8 @@ class ClipLoss:
     def __init__(self, clip: ClipModel, prompt: str, *, negative_prompt: str | None = None,
                  source: Tensor | None = None, alpha: float = 0.7, replicas: int = 20,
                  policy: Policy = POLICY_OPS, seed: int = 0, max_batch: int | None = None,
-                 preserve: Sequence[tuple[str, str]] = (), preserve_weight: float = 0.0) -> None:
+                 preserve: Sequence[tuple[str, str]] = (), preserve_weight: float = 0.0,
+                 off_axis_weight: float = 0.0) -> None:
         if not isinstance(clip, ClipModel):
             raise TypeError(f"clip must be a ClipModel (from load_clip/random_clip), got "
                             f"{type(clip).__name__}")
@@ -537,6 +552,11 @@ class ClipLoss:
             raise ValueError(f"preserve_weight must be a float >= 0, got {preserve_weight!r}")
         if pairs and source is None:
             raise ValueError("preserved prompts are compared with the source image; pass source=")
+        if isinstance(off_axis_weight, bool) or not isinstance(off_axis_weight, (int, float)) \
+                or not off_axis_weight >= 0:
+            raise ValueError(f"off_axis_weight must be a float >= 0, got {off_axis_weight!r}")
+        if off_axis_weight > 0 and source is None:
+            raise ValueError("the off-axis term compares the image with the source image; pass source=")
         self.clip = clip
         self.prompt = prompt
         self.negative_prompt = negative_prompt
@@ -551,6 +571,10 @@ class ClipLoss:
         embeddings = clip.encode_text(texts)
         self.text_embedding: Tensor = embeddings[0]
         self.negative_embedding: Tensor | None = embeddings[1] if negative_prompt else None
+        self.off_axis_weight = float(off_axis_weight)
+        axis = self.text_embedding if self.negative_embedding is None else \
+            self.text_embedding - self.negative_embedding
+        self.text_axis: Tensor = axis / axis.norm().clamp_min(1e-12)  # unit; what the off-axis term leaves free
         self.preserve = pairs
         self.preserve_weight = float(preserve_weight)
         # (D, K): column k scores pair k (prompt minus negative; a missing negative adds nothing).
@@ -594,22 +618,38 @@ class ClipLoss:
         clip_term = -score.view(b, self.replicas).mean(dim=1)
         l1_term = self._l1(images)
         loss = self.alpha * clip_term + (1.0 - self.alpha) * l1_term
-        keep = None
-        if self.preserve_matrix is not None:
-            keep = self._keep(emb, params, b)
-            if self.preserve_weight > 0:
-                loss = loss + self.preserve_weight * keep
-        return ClipLossTerms(loss=loss, clip=clip_term, l1=l1_term, keep=keep)
+        keep = off = None
+        if self.preserve_matrix is not None or self.off_axis_weight > 0:
+            ref = self._source_embeddings(params)
+            if self.preserve_matrix is not None:
+                keep = self._keep(emb, ref, b)
+                if self.preserve_weight > 0:
+                    loss = loss + self.preserve_weight * keep
+            if self.off_axis_weight > 0:
+                off = self._off_axis(emb, ref, b)
+                loss = loss + self.alpha * self.off_axis_weight * off
+        return ClipLossTerms(loss=loss, clip=clip_term, l1=l1_term, keep=keep, off_axis=off)
 
-    def _keep(self, emb: Tensor, params: AugmentParams, b: int) -> Tensor:
-        """(B,) mean |change| of the preserved scores vs the source under the same augmentations."""
-        assert self.source is not None and self.preserve_matrix is not None  # shapes checked by _l1 already
+    def _source_embeddings(self, params: AugmentParams) -> Tensor:
+        """(B * R, D) embeddings of the source under the same augmentations as the images (no grad)."""
+        assert self.source is not None  # shapes checked by _l1 already
         with torch.no_grad():
-            ref = self.clip.encode_image(apply_augment(self.source.repeat_interleave(self.replicas, dim=0),
-                                                       params), max_batch=self.max_batch)
-            ref_scores = (ref @ self.preserve_matrix).view(b, self.replicas, -1).mean(dim=1)
+            return self.clip.encode_image(apply_augment(self.source.repeat_interleave(self.replicas, dim=0),
+                                                        params), max_batch=self.max_batch)
+
+    def _keep(self, emb: Tensor, ref: Tensor, b: int) -> Tensor:
+        """(B,) mean |change| of the preserved scores vs the source under the same augmentations."""
+        assert self.preserve_matrix is not None
+        ref_scores = (ref @ self.preserve_matrix).view(b, self.replicas, -1).mean(dim=1)
         scores = (emb @ self.preserve_matrix).view(b, self.replicas, -1).mean(dim=1)
         return (scores - ref_scores).abs().mean(dim=1)
+
+    def _off_axis(self, emb: Tensor, ref: Tensor, b: int) -> Tensor:
+        """(B,) mean smoothed norm of the embedding change orthogonal to the text axis."""
+        change = emb - ref
+        off = change - (change @ self.text_axis)[:, None] * self.text_axis
+        d = OFF_AXIS_SMOOTHING
+        return ((off.square().sum(dim=1) + d * d).sqrt() - d).view(b, self.replicas).mean(dim=1)
 
     def __call__(self, images: Tensor, params: AugmentParams | None = None) -> Tensor:
         """Per-image loss (B,) for ``images`` (B, 3, H, W) in [0, 1]; see :meth:`terms`."""

@@ -631,6 +631,33 @@ def test_discover_with_preserve_records_the_pairs_and_changes_the_direction(base
         ["a photo of a smiling person", "a photo of a serious person"]]
 
 
+def test_discover_uses_the_attribute_recipe_unless_options_are_given(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "demo").symlink_to(ROOT / "data" / "demo")
+    (data / "attributes.toml").write_text(
+        '[old]\nprompt = "a photo of an old person"\nnegative_prompt = "a photo of a young person"\n'
+        'discovery = { n_images = 3, lr = 4, off_axis_weight = 0.25 }\n')
+    monkeypatch.setenv("FLOWGRAD_DATA", str(data))
+    no_n = [a for i, a in enumerate(TINY_DISCOVERY) if "--n-images" not in TINY_DISCOVERY[max(i - 1, 0):i + 1]]
+    assert len(no_n) == len(TINY_DISCOVERY) - 2
+    store = tmp_path / "d.h5"
+    result = invoke("discover-directions", "--attr", "old", *no_n, "--out", store)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    s = DirectionStore(store).read("old").settings
+    assert (s["n_images"], s["flowgrad"]["lr"], s["off_axis_weight"]) == (3, 4.0, 0.25)
+    result = invoke("discover-directions", "--attr", "old", *TINY_DISCOVERY, "--lr", "2", "--off-axis-weight", "0",
+                    "--name", "explicit", "--out", store)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    s = DirectionStore(store).read("explicit").settings
+    assert (s["n_images"], s["flowgrad"]["lr"], s["off_axis_weight"]) == (4, 2.0, 0.0)
+    result = invoke("discover-directions", "--prompt", "a red face", *TINY_DISCOVERY, "--name", "plain",
+                    "--out", store)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    s = DirectionStore(store).read("plain").settings  # no attribute: the built-in defaults
+    assert (s["flowgrad"]["lr"], s["off_axis_weight"]) == (10.0, 0.0)
+
+
 def test_discover_preserve_errors_are_one_line(tmp_path):
     store = tmp_path / "d.h5"
     result = invoke("discover-directions", "--attr", "old", *TINY_DISCOVERY, "--preserve-weight", "1",
@@ -642,6 +669,9 @@ def test_discover_preserve_errors_are_one_line(tmp_path):
     result = invoke("discover-directions", "--attr", "old", *TINY_DISCOVERY, "--preserve-weight", "-1",
                     "--out", store)
     assert_cli_error(result, "--preserve-weight")
+    result = invoke("discover-directions", "--attr", "old", *TINY_DISCOVERY, "--off-axis-weight", "-0.5",
+                    "--out", store)
+    assert_cli_error(result, "--off-axis-weight must be >= 0")
     assert not store.exists()
 
 

@@ -17,7 +17,7 @@ import torch
 
 from flowgrad.augment import apply_augment
 from flowgrad.clip_guidance import (
-    ClipLoadError, ClipLoss, ClipModel, clip_score, load_clip, random_clip, zero_shot,
+    OFF_AXIS_SMOOTHING, ClipLoadError, ClipLoss, ClipModel, clip_score, load_clip, random_clip, zero_shot,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,6 +255,78 @@ def test_preserve_arguments_are_validated(clip):
         ClipLoss(clip, PROMPT, source=src, preserve="red hair", preserve_weight=1.0)
     with pytest.raises(ValueError, match="preserve_weight"):
         ClipLoss(clip, PROMPT, source=src, preserve=KEEP, preserve_weight=-1.0)
+
+
+@pytest.mark.parametrize("negative", [None, NEGATIVE])
+def test_off_axis_term_is_zero_at_the_source_and_matches_the_formula(clip, negative):
+    x, source = images(), images(seed=9)
+    loss = ClipLoss(clip, PROMPT, negative_prompt=negative, source=source, alpha=0.7, replicas=2, seed=3,
+                    off_axis_weight=0.5)
+    plain = ClipLoss(clip, PROMPT, negative_prompt=negative, source=source, alpha=0.7, replicas=2, seed=3)
+    params = loss.sample_params(3)
+    assert torch.equal(loss.terms(source, params).off_axis, torch.zeros(3))
+    terms = loss.terms(x, params)
+    # by hand: the embedding change under the same augmentations, minus its part along the text axis
+    e = clip.encode_text([PROMPT] if negative is None else [PROMPT, negative])
+    axis = e[0] if negative is None else e[0] - e[1]
+    axis = axis / axis.norm()
+
+    def emb(imgs):
+        return clip.encode_image(apply_augment(imgs.repeat_interleave(2, dim=0), params))
+    change = emb(x) - emb(source)
+    off = change - (change @ axis)[:, None] * axis
+    d = OFF_AXIS_SMOOTHING
+    expected = ((off.square().sum(1) + d * d).sqrt() - d).view(3, 2).mean(1)
+    torch.testing.assert_close(terms.off_axis, expected, rtol=0, atol=1e-6)
+    assert (expected > 0).all()  # different images differ off the axis too, not only along it
+    torch.testing.assert_close(terms.loss, plain.terms(x, params).loss + 0.7 * 0.5 * expected, rtol=0, atol=1e-6)
+    assert plain.terms(x, params).off_axis is None
+    torch.testing.assert_close(terms.clip, plain.terms(x, params).clip, rtol=0, atol=0)  # reported apart
+
+
+def test_off_axis_term_leaves_changes_along_the_text_axis_free(clip):
+    loss = ClipLoss(clip, PROMPT, negative_prompt=NEGATIVE, source=images(b=2), replicas=2, off_axis_weight=1.0)
+    ref = torch.nn.functional.normalize(torch.randn(4, loss.text_axis.numel()), dim=1)
+    along = ref + 0.3 * loss.text_axis
+    torch.testing.assert_close(loss._off_axis(along, ref, 2), torch.zeros(2), rtol=0, atol=1e-6)
+    side = torch.randn(loss.text_axis.numel())
+    side = 0.2 * (side - (side @ loss.text_axis) * loss.text_axis) / (side - (side @ loss.text_axis)
+                                                                      * loss.text_axis).norm()
+    d = OFF_AXIS_SMOOTHING
+    torch.testing.assert_close(loss._off_axis(ref + side + 0.3 * loss.text_axis, ref, 2),
+                               torch.full((2,), (0.04 + d * d) ** 0.5 - d), rtol=0, atol=1e-6)
+
+
+def test_off_axis_term_steers_the_embedding_change_towards_the_axis(clip):
+    """Gradient descent on the image: with the term, less of the embedding change is off the text axis."""
+    source = images(b=2, seed=5)
+
+    def run(weight):
+        loss = ClipLoss(clip, PROMPT, negative_prompt=NEGATIVE, source=source, alpha=1.0, replicas=1, policy=(),
+                        off_axis_weight=weight)
+        x = source.clone().requires_grad_(True)
+        opt = torch.optim.SGD([x], lr=0.5)
+        for _ in range(20):
+            opt.zero_grad()
+            loss(x).sum().backward()
+            opt.step()
+        with torch.no_grad():
+            change = clip.encode_image(x.detach()) - clip.encode_image(source)
+            along = change @ loss.text_axis
+            off = (change - along[:, None] * loss.text_axis).norm(dim=1)
+        return float(along.mean()), float(off.mean())
+    (along_free, off_free), (along_held, off_held) = run(0.0), run(2.0)
+    assert along_held > 0 and along_free > 0  # both edits moved along the axis
+    assert off_held / along_held < 0.7 * (off_free / along_free)
+
+
+def test_off_axis_arguments_are_validated(clip):
+    with pytest.raises(ValueError, match="source"):
+        ClipLoss(clip, PROMPT, off_axis_weight=1.0)
+    for bad in (-1.0, True, "1"):
+        with pytest.raises(ValueError, match="off_axis_weight"):
+            ClipLoss(clip, PROMPT, source=images(), off_axis_weight=bad)
+    ClipLoss(clip, PROMPT, off_axis_weight=0.0)  # off: no source needed
 
 
 def test_calls_are_reproducible_from_the_seed_and_draw_fresh_params(clip):

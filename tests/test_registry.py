@@ -120,3 +120,23 @@ def test_bad_preserve_entries_are_refused(tmp_path):
     path.write_text('[a]\nprompt = "p"\npreserve = "b"\n')
     with pytest.raises(ValueError, match="list of attribute names"):
         load_registry(path)
+
+
+def test_discovery_recipes_are_read_and_checked(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[a]\nprompt = "p"\ndiscovery = { n_images = 64, off_axis_weight = 0.5, lr = 12 }\n'
+                    '[b]\nprompt = "q"\n')
+    reg = load_registry(path)
+    assert dict(reg["a"].discovery) == {"n_images": 64, "off_axis_weight": 0.5, "lr": 12.0}
+    assert isinstance(reg["a"].discovery["lr"], float) and dict(reg["b"].discovery) == {}
+    with pytest.raises(TypeError):
+        reg["a"].discovery["lr"] = 1.0  # read-only
+    for text, match in [('discovery = { steps = 4 }', r"unknown discovery setting\(s\) \['steps'\]"),
+                        ('discovery = { n_images = 2.5 }', "'n_images' must be an integer > 0"),
+                        ('discovery = { n_images = 0 }', "'n_images' must be an integer > 0"),
+                        ('discovery = { off_axis_weight = -1 }', "'off_axis_weight' must be a number >= 0"),
+                        ('discovery = { lr = true }', "'lr' must be a number > 0"),
+                        ('discovery = 3', "'discovery' must be a table")]:
+        path.write_text(f'[a]\nprompt = "p"\n{text}\n')
+        with pytest.raises(ValueError, match=match):
+            load_registry(path)

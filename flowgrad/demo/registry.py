@@ -8,6 +8,10 @@ The registry is a TOML file (``data/attributes.toml``) with one table per attrib
     factor = "age"        # optional: a name in flowgrad.demo.render.FACTOR_NAMES
     direction = 1         # +1: the factor should rise under the edit, -1: fall
     preserve = ["smiling", "glasses"]   # optional: attributes the edit should leave alone
+    discovery = { n_images = 64, off_axis_weight = 0.5 }   # optional: this attribute's discovery recipe
+
+A ``discovery`` table holds settings that ``discover-directions --attr NAME`` uses instead of its
+built-in defaults (options given on the command line still win); its keys are :data:`RECIPE_KEYS`.
 
 The data directory is the repository's ``data/`` unless the environment variable
 ``FLOWGRAD_DATA`` names another directory.
@@ -18,18 +22,24 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from pathlib import Path
 
 from .render import FACTOR_NAMES
 
-__all__ = ["Attribute", "DATA_ENV", "data_dir", "get_attribute", "load_registry", "preserve_pairs", "registry_path"]
+__all__ = ["Attribute", "DATA_ENV", "RECIPE_KEYS", "data_dir", "get_attribute", "load_registry", "preserve_pairs",
+           "registry_path"]
 
 DATA_ENV = "FLOWGRAD_DATA"
 """Environment variable that overrides the data directory."""
 
 _FILE = "attributes.toml"
-_KEYS = {"prompt", "negative_prompt", "factor", "direction", "preserve"}
+_KEYS = {"prompt", "negative_prompt", "factor", "direction", "preserve", "discovery"}
+
+RECIPE_KEYS: Mapping[str, type] = MappingProxyType({
+    "n_images": int, "lr": float, "preserve_weight": float, "off_axis_weight": float})
+"""Settings an attribute's ``discovery`` table may set, with their types (all must be > 0, weights >= 0)."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,8 @@ class Attribute:
         direction: +1 if ``factor`` should rise under the edit, -1 if it should fall.
         preserve: names of registry attributes the edit should leave alone (their prompts join the
             guidance loss as a preservation term, see :func:`preserve_pairs`).
+        discovery: the attribute's discovery recipe: settings (keys of :data:`RECIPE_KEYS`) that replace
+            the built-in defaults of ``discover-directions --attr NAME``.
     """
 
     name: str
@@ -52,6 +64,26 @@ class Attribute:
     factor: str | None
     direction: int
     preserve: tuple[str, ...] = ()
+    discovery: Mapping[str, int | float] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+
+
+def _recipe(name: str, entry: object, where: Path) -> Mapping[str, int | float]:
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: attribute {name!r}: 'discovery' must be a table of settings, got {entry!r}")
+    unknown = sorted(set(entry) - set(RECIPE_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: attribute {name!r}: unknown discovery setting(s) {unknown}; "
+                         f"allowed: {sorted(RECIPE_KEYS)}")
+    recipe: dict[str, int | float] = {}
+    for key, value in entry.items():
+        kind = RECIPE_KEYS[key]
+        ok_type = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+        weight = key.endswith("_weight")
+        if isinstance(value, bool) or not ok_type or not (value >= 0 if weight else value > 0):
+            need = "a number >= 0" if weight else ("an integer > 0" if kind is int else "a number > 0")
+            raise ValueError(f"{where}: attribute {name!r}: discovery setting {key!r} must be {need}, got {value!r}")
+        recipe[key] = kind(value)
+    return MappingProxyType(recipe)
 
 
 def data_dir() -> Path:
@@ -98,7 +130,8 @@ def _attribute(name: str, entry: object, where: Path) -> Attribute:
     if name in preserve:
         raise ValueError(f"{where}: attribute {name!r} cannot preserve itself")
     return Attribute(name=name, prompt=prompt, negative_prompt=negative, factor=factor,
-                     direction=int(direction), preserve=tuple(preserve))
+                     direction=int(direction), preserve=tuple(preserve),
+                     discovery=_recipe(name, entry.get("discovery", {}), where))
 
 
 def load_registry(path: str | os.PathLike[str] | None = None) -> dict[str, Attribute]:

@@ -75,6 +75,8 @@ def main() -> None:
     p.add_argument("--aggregator", default="mean")
     p.add_argument("--preserve-weight", type=float, default=0.0,
                    help="Weight of the preservation term (the registry's 'preserve' attributes); 0: off.")
+    p.add_argument("--off-axis-weight", type=float, default=0.0,
+                   help="Weight of the guidance loss's off-axis term (0: off).")
     p.add_argument("--preserve", nargs="*", default=None,
                    help="Attributes to preserve instead of each attribute's registry list.")
     p.add_argument("--t-window", nargs=2, type=float, default=(0.3, 1.0))
@@ -119,7 +121,8 @@ def main() -> None:
         cfg = DiscoveryConfig(name=name, prompt=attr.prompt, negative_prompt=attr.negative_prompt,
                               n_images=args.n_images, batch_size=args.batch_size, flowgrad=fg, alpha=args.alpha,
                               replicas=args.replicas, aggregator=args.aggregator,
-                              preserve=keep_pairs(attr), preserve_weight=args.preserve_weight)
+                              preserve=keep_pairs(attr), preserve_weight=args.preserve_weight,
+                              off_axis_weight=args.off_axis_weight)
         return discover(cfg, velocity, clip, store.path, device=dev)
 
     fg = FlowGradConfig(n_steps=args.steps, iterations=args.iterations, lr=args.lr, t_window=tuple(args.t_window),
@@ -155,7 +158,7 @@ def main() -> None:
             keep = keep_pairs(attr) if args.preserve_weight > 0 else ()
             loss = ClipLoss(clip, attr.prompt, negative_prompt=attr.negative_prompt, source=before,
                             alpha=args.alpha, replicas=args.replicas, seed=1, preserve=keep,
-                            preserve_weight=args.preserve_weight)
+                            preserve_weight=args.preserve_weight, off_axis_weight=args.off_axis_weight)
             t0 = time.perf_counter()
             res = optimize(velocity, z0, lambda x: loss(velocity.to_image(x)), config=fg)
             if dev.type == "cuda":
