@@ -34,7 +34,7 @@ def _slug(text: str) -> str:
 @click.option("--images", "images", type=click.Path(file_okay=False, exists=True), default=None,
               help="Folder of real images to invert (default: fresh seeded samples).")
 @click.option("--n-images", type=int, default=None, help="Images to optimize [default: 32, or the attribute's "
-              "registry recipe].")
+              "registry recipe; with --images at most the folder's count].")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--steps", "n_steps", type=int, default=20, show_default=True, help="Euler steps N.")
 @click.option("--iterations", type=int, default=6, show_default=True)
@@ -80,7 +80,7 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
     """
     setup_logging(verbose)
     from directions import distributed as dist
-    from directions.discover import DiscoveryConfig, discover
+    from directions.discover import DiscoveryConfig, discover, image_files
     from flowgrad import FlowGradConfig
     from flowgrad.clip_guidance import import_open_clip
     from flowgrad.demo.registry import get_attribute, load_registry, preserve_pairs
@@ -98,7 +98,10 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
         recipe = dict(a.discovery)
     name = name or _slug(prompt)
     # an option given on the command line, else the attribute's registry recipe, else the built-in default
-    n_images = recipe.get("n_images", 32) if n_images is None else n_images
+    if n_images is None:
+        n_images = recipe.get("n_images", 32)
+        if images:  # a folder of real images: up to that many of them
+            n_images = min(n_images, len(image_files(images)))
     lr = recipe.get("lr", 10.0) if lr is None else lr
     preserve_weight = recipe.get("preserve_weight", 0.0) if preserve_weight is None else preserve_weight
     off_axis_weight = recipe.get("off_axis_weight", 0.0) if off_axis_weight is None else off_axis_weight

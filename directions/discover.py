@@ -38,7 +38,7 @@ from .store import Direction, DirectionStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DiscoveryConfig", "BatchProgress", "discover", "image_seed", "sample_latents",
+__all__ = ["DiscoveryConfig", "BatchProgress", "discover", "image_files", "image_seed", "sample_latents",
            "partial_dir"]
 
 
@@ -153,7 +153,8 @@ def partial_dir(store_path: str | Path, name: str) -> Path:
     return p.with_name(f"{p.name}.partial-{name}")
 
 
-def _image_files(folder: str) -> list[Path]:
+def image_files(folder: str) -> list[Path]:
+    """The image files (by suffix) of ``folder``, sorted: the images a discovery from real images uses."""
     path = Path(folder)
     if not path.is_dir():
         raise ValueError(f"--images {folder!r} is not a folder")
@@ -184,7 +185,7 @@ def _batch_inputs(cfg: DiscoveryConfig, velocity, idx: Sequence[int], device: to
         return z0, velocity.to_image(x1).clamp(0, 1), labels, torch.full((len(idx),), math.nan), start
     if load_image is None:
         raise ValueError("discovering from real images needs an image loader")
-    files = _image_files(cfg.images)
+    files = image_files(cfg.images)
     if cfg.n_images > len(files):
         raise ValueError(f"--n-images {cfg.n_images} but only {len(files)} images in {cfg.images!r}")
     images = torch.stack([load_image(files[i], velocity.sample_shape[-1]) for i in idx]).to(device)

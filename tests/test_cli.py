@@ -446,10 +446,13 @@ def test_discover_from_a_folder_of_images_with_a_time_window(rendered, tmp_path)
     store = tmp_path / "dirs.h5"
     result = invoke("discover-directions", "--images", folder, "--prompt", "a photo of an old person",
                     "--negative", "a photo of a young person", "--name", "faces-old", "--t-window", "0.5", "1",
-                    "--n-images", "2", "--batch-size", "2", "--steps", "4", "--iterations", "1", "--replicas", "1",
-                    "--device", "cpu", "--out", store)
+                    "--batch-size", "2", "--steps", "4", "--iterations", "1", "--replicas", "1",
+                    "--device", "cpu", "--out", store)  # no --n-images: the folder's 2 (fewer than the default)
     assert result.exit_code == 0, (result.stderr, result.exception)
     assert re.search(r"^faces-old: [0-2]/2 images ok, CLIP score gain", result.stdout, re.M), result.stdout
+    too_many = invoke("discover-directions", "--images", folder, "--prompt", "a photo of an old person",
+                      "--n-images", "3", "--device", "cpu", "--out", tmp_path / "other.h5")
+    assert_cli_error(too_many, "--n-images 3 but only 2 images")
     d = DirectionStore(store).read("faces-old")
     assert d.prompt == "a photo of an old person" and d.negative_prompt == "a photo of a young person"
     assert d.time_window == (0.5, 1.0) and d.settings["images"] == str(folder.resolve())

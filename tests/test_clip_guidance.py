@@ -224,6 +224,17 @@ def test_preserve_term_is_zero_at_the_source_and_matches_the_formula(clip):
     assert torch.isfinite(xr.grad).all() and xr.grad.abs().sum() > 0
 
 
+def descend(loss: ClipLoss, source: torch.Tensor, steps: int = 20, lr: float = 0.5) -> torch.Tensor:
+    """``steps`` of plain gradient descent on the image itself, from ``source``."""
+    x = source.clone().requires_grad_(True)
+    opt = torch.optim.SGD([x], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss(x).sum().backward()
+        opt.step()
+    return x.detach()
+
+
 def test_preserve_keeps_the_preserved_score_during_optimization(clip):
     """Gradient descent on the image: with the preserve term the preserved score moves less."""
     source = images(b=2, seed=5)
@@ -231,14 +242,9 @@ def test_preserve_keeps_the_preserved_score_during_optimization(clip):
     def run(weight):
         loss = ClipLoss(clip, PROMPT, source=source, alpha=1.0, replicas=1, policy=(), preserve=KEEP[:1],
                         preserve_weight=weight)
-        x = source.clone().requires_grad_(True)
-        opt = torch.optim.SGD([x], lr=0.5)
-        for _ in range(20):
-            opt.zero_grad()
-            loss(x).sum().backward()
-            opt.step()
+        x = descend(loss, source)
         with torch.no_grad():
-            t = loss.terms(x.detach())
+            t = loss.terms(x)
         return float(t.clip.mean()), float(t.keep.mean())
     (clip_free, keep_free), (clip_kept, keep_kept) = run(0.0), run(5.0)
     assert keep_free > 0 and keep_kept < 0.5 * keep_free
@@ -304,14 +310,9 @@ def test_off_axis_term_steers_the_embedding_change_towards_the_axis(clip):
     def run(weight):
         loss = ClipLoss(clip, PROMPT, negative_prompt=NEGATIVE, source=source, alpha=1.0, replicas=1, policy=(),
                         off_axis_weight=weight)
-        x = source.clone().requires_grad_(True)
-        opt = torch.optim.SGD([x], lr=0.5)
-        for _ in range(20):
-            opt.zero_grad()
-            loss(x).sum().backward()
-            opt.step()
+        x = descend(loss, source)
         with torch.no_grad():
-            change = clip.encode_image(x.detach()) - clip.encode_image(source)
+            change = clip.encode_image(x) - clip.encode_image(source)
             along = change @ loss.text_axis
             off = (change - along[:, None] * loss.text_axis).norm(dim=1)
         return float(along.mean()), float(off.mean())
