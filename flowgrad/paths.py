@@ -13,7 +13,7 @@ def data_dir() -> Path:
 
     Install with ``pip install -e .`` (editable) so the repository's ``data/`` is used in place.
     """
-    env = os.environ.get("FLOWGRAD_DATA")
+    env = os.environ.get("FLOWGRAD_DATA")  # flowgrad.demo.registry.DATA_ENV
     if env:
         return Path(env).expanduser().resolve()
     return Path(__file__).resolve().parents[1] / "data"

@@ -26,13 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from ..paths import data_dir
 from .render import FACTOR_NAMES
 
 __all__ = ["Attribute", "DATA_ENV", "RECIPE_KEYS", "data_dir", "get_attribute", "load_registry", "preserve_pairs",
            "registry_path"]
 
 DATA_ENV = "FLOWGRAD_DATA"
-"""Environment variable that overrides the data directory."""
+"""Environment variable that overrides the data directory (read by :func:`flowgrad.paths.data_dir`)."""
 
 _FILE = "attributes.toml"
 _KEYS = {"prompt", "negative_prompt", "factor", "direction", "preserve", "discovery"}
@@ -84,14 +85,6 @@ def _recipe(name: str, entry: object, where: Path) -> Mapping[str, int | float]:
             raise ValueError(f"{where}: attribute {name!r}: discovery setting {key!r} must be {need}, got {value!r}")
         recipe[key] = kind(value)
     return MappingProxyType(recipe)
-
-
-def data_dir() -> Path:
-    """``$FLOWGRAD_DATA`` if set, else the repository's ``data/`` directory."""
-    env = os.environ.get(DATA_ENV)
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "data"
 
 
 def registry_path() -> Path:
