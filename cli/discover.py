@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import click
@@ -18,6 +20,12 @@ DEFAULT_STORE = Path("directions.h5")
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:48] or "direction"
+
+
+def skipped_note(statuses: Iterable[str]) -> str:
+    """`` (24 no improvement, 1 nonfinite)`` for the per-image statuses that are not ``ok`` ("" if none)."""
+    reasons = Counter(str(s).removeprefix("skipped: ").split("@")[0] for s in statuses if s != "ok")
+    return f" ({', '.join(f'{n} {r}' for r, n in reasons.most_common())})" if reasons else ""
 
 
 @click.command("discover-directions")
@@ -147,7 +155,8 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
         rec = direction.records
         ok = rec["status"] == "ok"
         gain = float((rec["clip_after"][ok] - rec["clip_before"][ok]).mean()) if ok.any() else float("nan")
-        console(f"{name}: {int(ok.sum())}/{len(ok)} images ok, CLIP score gain {gain:+.4f}, "
+        console(f"{name}: {int(ok.sum())}/{len(ok)} images ok{skipped_note(rec['status'])}, "
+                f"CLIP score gain {gain:+.4f}, "
                 f"scale {direction.scale:.3g}, split-half cosine {direction.split_half_cosine:.3f}, "
                 f"{time.perf_counter() - t0:.1f}s on {dev}{f' x{world}' if world > 1 else ''} -> {store_path}")
 

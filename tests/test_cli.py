@@ -449,7 +449,8 @@ def test_discover_from_a_folder_of_images_with_a_time_window(rendered, tmp_path)
                     "--batch-size", "2", "--steps", "4", "--iterations", "1", "--replicas", "1",
                     "--device", "cpu", "--out", store)  # no --n-images: the folder's 2 (fewer than the default)
     assert result.exit_code == 0, (result.stderr, result.exception)
-    assert re.search(r"^faces-old: [0-2]/2 images ok, CLIP score gain", result.stdout, re.M), result.stdout
+    assert re.search(r"^faces-old: [0-2]/2 images ok( \(\d no improvement\))?, CLIP score gain", result.stdout,
+                     re.M), result.stdout
     too_many = invoke("discover-directions", "--images", folder, "--prompt", "a photo of an old person",
                       "--n-images", "3", "--device", "cpu", "--out", tmp_path / "other.h5")
     assert_cli_error(too_many, "--n-images 3 but only 2 images")
@@ -633,6 +634,15 @@ def test_discover_with_preserve_records_the_pairs_and_changes_the_direction(base
     assert result.exit_code == 0, (result.stderr, result.exception)
     assert DirectionStore(explicit).read("old").settings["preserve"] == [
         ["a photo of a smiling person", "a photo of a serious person"]]
+
+
+def test_the_summary_line_counts_the_skipped_images_by_reason():
+    from cli.discover import skipped_note
+
+    assert skipped_note(["ok", "ok"]) == ""
+    statuses = ["ok", "skipped: no improvement", "skipped: nonfinite@3", "skipped: no improvement"]
+    assert skipped_note(statuses) == " (2 no improvement, 1 nonfinite)"
+    assert skipped_note(np.array(statuses)) == " (2 no improvement, 1 nonfinite)"  # as the store reads them
 
 
 def test_discover_uses_the_attribute_recipe_unless_options_are_given(tmp_path, monkeypatch):
