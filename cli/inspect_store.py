@@ -29,9 +29,13 @@ def inspect_store(store_path: Path) -> None:
         gain = (np.asarray(rec["clip_after"])[ok] - np.asarray(rec["clip_before"])[ok]).mean() \
             if "clip_after" in rec and ok.any() else float("nan")
         cos = np.asarray(rec.get("cosine_to_direction", [np.nan]), dtype=float)
+        settings = d.settings if isinstance(d.settings, dict) else {}
+        terms = [f"{key.removesuffix('_weight').replace('_', '-')} {settings[key]:g}"
+                 for key in ("off_axis_weight", "preserve_weight") if (settings.get(key) or 0) > 0]
         console(f"\n[{d.name}] prompt={d.prompt!r} negative={d.negative_prompt!r}\n"
-                f"  method={d.method} images={d.n_images} steps={d.n_steps} shape={d.image_shape} "
-                f"t_window={d.time_window}\n"
+                f"  method={d.method} images={d.n_images}{f'/{len(ok)}' if len(ok) else ''} steps={d.n_steps} "
+                f"shape={d.image_shape} "
+                f"t_window={d.time_window}" + (f" loss terms: {', '.join(terms)}" if terms else "") + "\n"
                 f"  scale={d.scale:.4g} split_half_cosine={d.split_half_cosine:.3f} "
                 f"per-image cosine median={np.nanmedian(cos) if np.isfinite(cos).any() else float('nan'):.3f} "
                 f"CLIP gain={gain:+.4f}\n"

@@ -165,6 +165,9 @@ def test_inspect_lists_directions_and_pairwise_cosines(store):
     single = invoke("flowgrad", "inspect", store)
     assert single.exit_code == 0, (single.stderr, single.exception)
     assert "1 direction(s)" in single.stdout and "[old]" in single.stdout
+    n_ok = int((DirectionStore(store).read("old").records["status"] == "ok").sum())
+    assert f"images={n_ok}/4 " in single.stdout
+    assert "loss terms: off-axis 0.5" in single.stdout  # old's registry recipe
     assert "pairwise cosines" not in single.stdout
 
     old = DirectionStore(store).read("old")
