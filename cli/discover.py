@@ -105,14 +105,17 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
         name = name or a.name
         recipe = dict(a.discovery)
     name = name or _slug(prompt)
-    # an option given on the command line, else the attribute's registry recipe, else the built-in default
+    # an option given on the command line, else the attribute's registry recipe, else DiscoveryConfig's default
+    builtin = DiscoveryConfig(name=name, prompt=prompt)
     if n_images is None:
-        n_images = recipe.get("n_images", 32)
+        n_images = recipe.get("n_images", builtin.n_images)
         if images:  # a folder of real images: up to that many of them
             n_images = min(n_images, len(image_files(images)))
-    lr = recipe.get("lr", 10.0) if lr is None else lr
-    preserve_weight = recipe.get("preserve_weight", 0.0) if preserve_weight is None else preserve_weight
-    off_axis_weight = recipe.get("off_axis_weight", 0.0) if off_axis_weight is None else off_axis_weight
+    lr = recipe.get("lr", builtin.flowgrad.lr) if lr is None else lr
+    if preserve_weight is None:
+        preserve_weight = recipe.get("preserve_weight", builtin.preserve_weight)
+    if off_axis_weight is None:
+        off_axis_weight = recipe.get("off_axis_weight", builtin.off_axis_weight)
     for flag, value in (("--preserve-weight", preserve_weight), ("--off-axis-weight", off_axis_weight)):
         if not value >= 0:
             raise CliError(f"{flag} must be >= 0, got {value}")
