@@ -45,15 +45,16 @@ def skipped_note(statuses: Iterable[str]) -> str:
               "registry recipe; with --images at most the folder's count].")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--steps", "n_steps", type=int, default=20, show_default=True, help="Euler steps N.")
-@click.option("--iterations", type=int, default=6, show_default=True)
+@click.option("--iterations", type=int, default=None, help="FlowGrad iterations per image [default: 6, or the "
+              "attribute's registry recipe].")
 @click.option("--lr", type=float, default=None, help="Step size [default: 10, or the attribute's recipe].")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
 @click.option("--threshold", type=float, default=5e-3, show_default=True,
               help="Straightness threshold (0: exact backprop).")
 @click.option("--alpha", type=float, default=0.7, show_default=True, help="CLIP weight; 1-alpha weighs L1.")
 @click.option("--replicas", type=int, default=4, show_default=True, help="Augmented copies in the CLIP loss.")
-@click.option("--t-window", nargs=2, type=float, default=(0.3, 1.0), show_default=True,
-              help="Optimize only controls with t in [T_START, T_END].")
+@click.option("--t-window", nargs=2, type=float, default=None,
+              help="Optimize only controls with t in [T_START, T_END] [default: 0.3 1, or the attribute's recipe].")
 @coarse_option
 @graphs_option
 @click.option("--preserve", "preserve", multiple=True, metavar="ATTR",
@@ -112,6 +113,8 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
         if images:  # a folder of real images: up to that many of them
             n_images = min(n_images, len(image_files(images)))
     lr = recipe.get("lr", builtin.flowgrad.lr) if lr is None else lr
+    iterations = recipe.get("iterations", builtin.flowgrad.iterations) if iterations is None else iterations
+    t_window = recipe.get("t_window", builtin.flowgrad.t_window) if t_window is None else t_window
     if preserve_weight is None:
         preserve_weight = recipe.get("preserve_weight", builtin.preserve_weight)
     if off_axis_weight is None:

@@ -124,10 +124,11 @@ def test_bad_preserve_entries_are_refused(tmp_path):
 
 def test_discovery_recipes_are_read_and_checked(tmp_path):
     path = tmp_path / "r.toml"
-    path.write_text('[a]\nprompt = "p"\ndiscovery = { n_images = 64, off_axis_weight = 0.5, lr = 12 }\n'
-                    '[b]\nprompt = "q"\n')
+    path.write_text('[a]\nprompt = "p"\ndiscovery = { n_images = 64, off_axis_weight = 0.5, lr = 12, iterations = 10,'
+                    ' t_window = [0.8, 1] }\n[b]\nprompt = "q"\n')
     reg = load_registry(path)
-    assert dict(reg["a"].discovery) == {"n_images": 64, "off_axis_weight": 0.5, "lr": 12.0}
+    assert dict(reg["a"].discovery) == {"n_images": 64, "off_axis_weight": 0.5, "lr": 12.0, "iterations": 10,
+                                        "t_window": (0.8, 1.0)}
     assert isinstance(reg["a"].discovery["lr"], float) and dict(reg["b"].discovery) == {}
     with pytest.raises(TypeError):
         reg["a"].discovery["lr"] = 1.0  # read-only
@@ -136,6 +137,12 @@ def test_discovery_recipes_are_read_and_checked(tmp_path):
                         ('discovery = { n_images = 0 }', "'n_images' must be an integer > 0"),
                         ('discovery = { off_axis_weight = -1 }', "'off_axis_weight' must be a number >= 0"),
                         ('discovery = { lr = true }', "'lr' must be a number > 0"),
+                        ('discovery = { iterations = 0 }', "'iterations' must be an integer > 0"),
+                        ('discovery = { t_window = [0.8] }', r"'t_window' must be a pair \[t_start, t_end\]"),
+                        ('discovery = { t_window = [0.8, 0.5] }', "0 <= t_start <= t_end <= 1, got"),
+                        ('discovery = { t_window = [0.5, 1.5] }', "0 <= t_start <= t_end <= 1, got"),
+                        ('discovery = { t_window = ["a", 1] }', "'t_window' must be a pair"),
+                        ('discovery = { t_window = 0.5 }', "'t_window' must be a pair"),
                         ('discovery = 3', "'discovery' must be a table")]:
         path.write_text(f'[a]\nprompt = "p"\n{text}\n')
         with pytest.raises(ValueError, match=match):

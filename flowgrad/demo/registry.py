@@ -39,8 +39,10 @@ _FILE = "attributes.toml"
 _KEYS = {"prompt", "negative_prompt", "factor", "direction", "preserve", "discovery"}
 
 RECIPE_KEYS: Mapping[str, type] = MappingProxyType({
-    "n_images": int, "lr": float, "preserve_weight": float, "off_axis_weight": float})
-"""Settings an attribute's ``discovery`` table may set, with their types (all must be > 0, weights >= 0)."""
+    "n_images": int, "iterations": int, "lr": float, "t_window": tuple, "preserve_weight": float,
+    "off_axis_weight": float})
+"""Settings an attribute's ``discovery`` table may set, with their types (numbers > 0, weights >= 0;
+``t_window`` a pair [t_start, t_end] with 0 <= t_start <= t_end <= 1)."""
 
 
 @dataclass(frozen=True)
@@ -65,19 +67,23 @@ class Attribute:
     factor: str | None
     direction: int
     preserve: tuple[str, ...] = ()
-    discovery: Mapping[str, int | float] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    discovery: Mapping[str, int | float | tuple[float, float]] = field(
+        default_factory=lambda: MappingProxyType({}), hash=False)
 
 
-def _recipe(name: str, entry: object, where: Path) -> Mapping[str, int | float]:
+def _recipe(name: str, entry: object, where: Path) -> Mapping[str, int | float | tuple[float, float]]:
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: attribute {name!r}: 'discovery' must be a table of settings, got {entry!r}")
     unknown = sorted(set(entry) - set(RECIPE_KEYS))
     if unknown:
         raise ValueError(f"{where}: attribute {name!r}: unknown discovery setting(s) {unknown}; "
                          f"allowed: {sorted(RECIPE_KEYS)}")
-    recipe: dict[str, int | float] = {}
+    recipe: dict[str, int | float | tuple[float, float]] = {}
     for key, value in entry.items():
         kind = RECIPE_KEYS[key]
+        if kind is tuple:
+            recipe[key] = _window(name, key, value, where)
+            continue
         ok_type = isinstance(value, int) if kind is int else isinstance(value, (int, float))
         weight = key.endswith("_weight")
         if isinstance(value, bool) or not ok_type or not (value >= 0 if weight else value > 0):
@@ -85,6 +91,15 @@ def _recipe(name: str, entry: object, where: Path) -> Mapping[str, int | float]:
             raise ValueError(f"{where}: attribute {name!r}: discovery setting {key!r} must be {need}, got {value!r}")
         recipe[key] = kind(value)
     return MappingProxyType(recipe)
+
+
+def _window(name: str, key: str, value: object, where: Path) -> tuple[float, float]:
+    pair = value if isinstance(value, list) and len(value) == 2 else None
+    if pair is None or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in pair) \
+            or not 0 <= pair[0] <= pair[1] <= 1:
+        raise ValueError(f"{where}: attribute {name!r}: discovery setting {key!r} must be a pair [t_start, t_end] "
+                         f"with 0 <= t_start <= t_end <= 1, got {value!r}")
+    return float(pair[0]), float(pair[1])
 
 
 def registry_path() -> Path:
