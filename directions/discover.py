@@ -64,6 +64,10 @@ class DiscoveryConfig:
         aggregator: how per-image controls become one direction, or "joint": optimize one control shared
             by all images instead (:mod:`directions.joint`).
         invert_method: inversion solver for real images.
+        invert_to_window: invert real images from t = 1 only down to the time window's first step and
+            optimize from there (the steps before the window carry no control; a shorter round trip than
+            to t = eps and back). Not for the "probe" and "joint" aggregators, which need the latents at
+            t = eps; False inverts all the way for every aggregator.
         keep_offsets: also store the raw per-image controls.
         precision: how the caller runs the model ("float32" or "bf16-autocast"); recorded for provenance.
     """
@@ -87,6 +91,7 @@ class DiscoveryConfig:
     off_axis_weight: float = 0.0
     aggregator: Method = "mean"
     invert_method: str = "euler"
+    invert_to_window: bool = True
     keep_offsets: bool = False
     precision: str = "float32"
 
@@ -101,6 +106,11 @@ class DiscoveryConfig:
         for key in ("preserve_weight", "off_axis_weight"):
             if not getattr(self, key) >= 0.0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        fg = self.flowgrad
+        if not fg.grid.window_mask(*fg.t_window).any():
+            raise ValueError(f"the time window [{fg.t_window[0]:g}, {fg.t_window[1]:g}] holds none of the {fg.n_steps} "
+                             f"steps (evaluated at t = {fg.grid.times[0]:.3g} ... {fg.grid.times[-1]:.3g}); widen "
+                             "--t-window or use more --steps")
         object.__setattr__(self, "preserve", tuple((str(p), str(n)) for p, n in self.preserve))
         if self.aggregator == "joint" and self.flowgrad.optimizer != "sgd":
             raise ValueError("--aggregator joint uses SGD on the shared control; drop --optimizer adam")
@@ -114,6 +124,14 @@ class DiscoveryConfig:
         d = asdict(self)
         d["flowgrad"] = asdict(self.flowgrad)
         return d
+
+    @property
+    def start_step(self) -> int:
+        """The step of the N-step grid real images are inverted to and optimized from (0: t = eps)."""
+        if self.images is None or not self.invert_to_window or self.aggregator in ("probe", "joint"):
+            return 0
+        in_window = self.flowgrad.grid.window_mask(*self.flowgrad.t_window)
+        return int(in_window.nonzero()[0]) if in_window.any() else 0
 
     @property
     def n_batches(self) -> int:
@@ -168,13 +186,15 @@ def image_files(folder: str) -> list[Path]:
 def _batch_inputs(cfg: DiscoveryConfig, velocity, idx: Sequence[int], device: torch.device,
                   load_image: Callable[[Path, int], Tensor] | None, *, keep_pass: bool = False
                   ) -> tuple[Tensor, Tensor, list[str], Tensor, InitialPass | None]:
-    """Latents z0 (B, C, H, W), source images in [0, 1], source labels, reconstruction RMSE (B,), and with
-    ``keep_pass`` the unedited trajectory that gave the sources (or the reconstructions), for ``optimize``."""
-    grid = TimeGrid.uniform(cfg.flowgrad.n_steps, cfg.flowgrad.eps)
+    """Latents z0 (B, C, H, W) (real images: the states at ``cfg.start_step``), source images in [0, 1],
+    source labels, reconstruction RMSE (B,), and with ``keep_pass`` the unedited trajectory that gave the
+    sources (or the reconstructions), for ``optimize``."""
+    step = cfg.start_step
+    grid = TimeGrid.uniform(cfg.flowgrad.n_steps, cfg.flowgrad.eps).sub(step)
 
     def unedited(z0: Tensor) -> tuple[Tensor, InitialPass | None]:
         if keep_pass:
-            start = initial_pass(velocity, z0, cfg.flowgrad)
+            start = initial_pass(velocity, z0, cfg.flowgrad, start_step=step)
             return start.final, start
         return integrate(velocity, z0, grid, keep_states=False).final, None
 
@@ -237,7 +257,7 @@ def _optimize_images(cfg: DiscoveryConfig, velocity, clip, b: int, idx: list[int
                     replicas=cfg.replicas, seed=seed, preserve=preserve, preserve_weight=cfg.preserve_weight,
                     off_axis_weight=cfg.off_axis_weight)
     result = optimize(velocity, z0, lambda x: loss(velocity.to_image(x)), config=cfg.flowgrad, initial=start,
-                      callback=lambda info: report(info.iteration, float(np.nanmean(info.losses.numpy()))))
+                      start_step=cfg.start_step, callback=lambda info: report(info.iteration, float(np.nanmean(info.losses.numpy()))))
     with torch.no_grad():
         after = velocity.to_image(result.images).clamp(0, 1)
         clip_before = clip_score(clip, source, cfg.prompt).cpu().double()

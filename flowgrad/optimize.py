@@ -181,19 +181,34 @@ def _prefix(velocity: Velocity, z0: Tensor, grid: TimeGrid, first: int) -> Traje
     return integrate(velocity, z0, grid.sub(0, first)) if 0 < first < grid.n_steps else None
 
 
-def initial_pass(velocity: Velocity, z0: Tensor, config: FlowGradConfig | None = None) -> InitialPass:
+def _grid_from(cfg: FlowGradConfig, start_step: int) -> TimeGrid:
+    """The steps ``start_step .. N-1`` of the configuration's grid, checked against its time window."""
+    grid = resolve_grid(cfg.n_steps, cfg.eps)
+    if start_step == 0:
+        return grid
+    if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step < grid.n_steps:
+        raise ValueError(f"start_step must be an integer in [0, {grid.n_steps - 1}], got {start_step!r}")
+    _, first = _window_start(grid, cfg)
+    if first < start_step:
+        raise ValueError(f"the time window {cfg.t_window} starts at step {first}, before start_step {start_step}")
+    return grid.sub(start_step)
+
+
+def initial_pass(velocity: Velocity, z0: Tensor, config: FlowGradConfig | None = None, *,
+                 start_step: int = 0) -> InitialPass:
     """The uncontrolled trajectory of ``z0``: bit for bit the first forward pass of :func:`optimize` with
     the same settings and no initial controls.
 
     Args:
         velocity: v(x, t).
-        z0: (B, C, H, W) latents at t = eps.
+        z0: (B, C, H, W) latents at t = eps, or the states at ``start_step``.
         config: the settings the optimization will use (its grid and time window matter here; default
             settings when None).
+        start_step: as in :func:`optimize`.
     """
     cfg = config if config is not None else FlowGradConfig()
     check_latents(z0)
-    grid = resolve_grid(cfg.n_steps, cfg.eps)
+    grid = _grid_from(cfg, start_step)
     _, first = _window_start(grid, cfg)
     with torch.no_grad():
         prefix = _prefix(velocity, z0, grid, first)
@@ -230,6 +245,7 @@ def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100
              controls: Tensor | None = None,
              config: FlowGradConfig | None = None,
              initial: InitialPass | None = None,
+             start_step: int = 0,
              callback: Callable[[IterationInfo], None] | None = None) -> FlowGradResult:
     """Optimize additive controls u_k so the final images minimize ``loss_fn`` (FlowGrad).
 
@@ -256,6 +272,11 @@ def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100
         initial: the uncontrolled trajectory of ``z0`` from :func:`initial_pass` with the same settings, when
             the caller already has it (e.g. for the unedited image): used as the first forward pass (whose
             time is then not in the result's timings). Not with nonzero initial controls.
+        start_step: ``z0`` is the state at this step of the N-step grid instead of the latents at t = eps
+            (e.g. a real image inverted only down to the time window's start, which must not be earlier);
+            the trajectories run from there, and the controls before it (inputs and results, still N rows)
+            are zero. With exact backprop the result equals that of the latents whose trajectory passes
+            through ``z0`` at that step.
         callback: called with an :class:`IterationInfo` after each forward pass.
 
     Returns:
@@ -266,8 +287,12 @@ def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100
         segmentation=segmentation, eps=eps, t_window=t_window,  # type: ignore[arg-type]
         coarse_forward=coarse_forward)
     check_latents(z0)
-    grid = resolve_grid(cfg.n_steps, cfg.eps)
-    check_controls(controls, grid, z0)
+    grid = _grid_from(cfg, start_step)
+    check_controls(controls, resolve_grid(cfg.n_steps, cfg.eps), z0)
+    if controls is not None and start_step:
+        if bool(controls[:start_step].any()):
+            raise ValueError(f"controls must be zero before start_step {start_step}")
+        controls = controls[start_step:]
     b = z0.shape[0]
     in_window, first = _window_start(grid, cfg)
     window = in_window.to(z0.device).view(-1, *([1] * z0.dim()))
@@ -370,6 +395,8 @@ def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100
             best_loss[redo] = full_losses[redo]
 
     best_loss[torch.isinf(best_loss)] = math.nan
+    if start_step:
+        best_u = torch.cat([best_u.new_zeros((start_step, *best_u.shape[1:])), best_u])
     return FlowGradResult(controls=best_u, images=best_images, best_loss=best_loss, best_iteration=best_iter,
                           loss_history=history, segment_counts=seg_counts, status=tuple(status),
                           timings=dict(clock.totals), config=cfg)

@@ -539,6 +539,33 @@ def test_discover_from_a_folder_of_real_images(demo_models, tmp_path):
         discover(tiny_config(images=str(tmp_path)), velocity, clip, tmp_path / "u.h5", load_image=load_image)
 
 
+def test_real_images_are_inverted_only_down_to_the_window(demo_models, tmp_path):
+    """With a late window, real images make the shorter round trip t = 1 -> window start -> t = 1."""
+    from cli.images import load_image, to_pil
+    from flowgrad.demo.render import render
+
+    velocity, clip = demo_models
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for i, image in enumerate(render(3, seed=5)[0]):
+        to_pil(image).save(folder / f"{i}.png")
+    fg = FlowGradConfig(n_steps=8, iterations=1, lr=0.2, t_window=(0.5, 1.0))  # window from step 4
+    cfg = tiny_config(images=str(folder), n_images=3, flowgrad=fg)
+    assert cfg.start_step == 4 and replace(cfg, invert_to_window=False).start_step == 0
+    assert replace(cfg, aggregator="probe").start_step == 0 and replace(cfg, images=None).start_step == 0
+    short = discover(cfg, velocity, clip, tmp_path / "s.h5", load_image=load_image)
+    full = discover(replace(cfg, invert_to_window=False), velocity, clip, tmp_path / "f.h5", load_image=load_image)
+    x1 = velocity.from_image(torch.stack([load_image(folder / f"{i}.png", 64) for i in range(3)]))
+    grid = flowgrad.TimeGrid.uniform(8).sub(4)
+    with torch.no_grad():
+        _, expected = flowgrad.reconstruction_error(velocity, x1, flowgrad.invert(velocity, x1, grid), grid)
+    np.testing.assert_allclose(short.records["reconstruction_rmse"], expected.double().numpy(), rtol=1e-4)
+    assert np.all(short.records["reconstruction_rmse"] < full.records["reconstruction_rmse"])
+    assert short.vector.shape == full.vector.shape == (8, 3, 64, 64)
+    assert not short.vector[:4].any() and short.vector[4:].any()
+    assert short.settings["invert_to_window"] is True and full.settings["invert_to_window"] is False
+
+
 def test_discover_resumes_to_the_uninterrupted_result(discovered, demo_models, tmp_path):
     velocity, clip = demo_models
     reference = DirectionStore(discovered[1]).read("old", offsets=True)

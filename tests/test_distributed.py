@@ -33,7 +33,7 @@ def _env() -> dict:
 @pytest.mark.parametrize("aggregator", ["mean", "pc1", "joint"])
 def test_torchrun_two_processes_equals_one_process(tmp_path, aggregator):
     one, two = tmp_path / "one.h5", tmp_path / "two.h5"
-    args = ["--attr", "smiling", "--aggregator", aggregator, *TINY]
+    args = ["--attr", "smiling", "--aggregator", aggregator, "--t-window", "0.3", "1", *TINY]  # 2 of the 4 steps
     subprocess.run([sys.executable, "-m", "cli.discover", *args, "--out", str(one)], cwd=ROOT, env=_env(),
                    check=True, capture_output=True, timeout=300)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",

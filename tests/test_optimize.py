@@ -212,3 +212,40 @@ def test_an_initial_pass_that_does_not_match_the_optimization_is_refused():
         kwargs = {"initial": start, "z0": z0, **kwargs}
         with pytest.raises((ValueError, TypeError), match=message):
             flowgrad.optimize(field, kwargs.pop("z0"), loss, **kwargs)
+
+
+@pytest.mark.parametrize("start_step", [7, 4])
+def test_starting_at_a_later_step_equals_the_run_from_the_latents(start_step):
+    """A state at step K (e.g. an image inverted only down to the window) optimizes like its latents would."""
+    z0 = torch.randn(3, 3, 5, 5, dtype=torch.float64)
+    loss = convex_loss(torch.randn_like(z0))
+    cfg = FlowGradConfig(n_steps=20, iterations=3, lr=0.05, threshold=None, t_window=(0.35, 1.0))
+    plain = flowgrad.optimize(ConvField(), z0, loss, config=cfg)
+    xk = flowgrad.integrate(ConvField(), z0, cfg.grid.sub(0, start_step), keep_states=False).final
+    field = CountingField(ConvField())
+    start = flowgrad.initial_pass(field, xk, cfg, start_step=start_step)
+    later = flowgrad.optimize(field, xk, loss, config=cfg, initial=start, start_step=start_step)
+    assert later.controls.shape == plain.controls.shape and not later.controls[:7].any()
+    torch.testing.assert_close(later.controls, plain.controls, rtol=0, atol=1e-12)
+    torch.testing.assert_close(later.images, plain.images, rtol=0, atol=1e-12)
+    torch.testing.assert_close(later.best_loss, plain.best_loss, rtol=1e-12, atol=0)
+    assert field.calls - field.vjp_calls == (7 - start_step) + 4 * (20 - 7)  # nothing before step K
+    again = flowgrad.optimize(ConvField(), xk, loss, config=cfg, start_step=start_step,
+                              controls=torch.zeros((20, *z0.shape), dtype=z0.dtype))
+    torch.testing.assert_close(again.controls, plain.controls, rtol=0, atol=1e-12)
+
+
+def test_a_start_step_inside_the_window_or_out_of_range_is_refused():
+    z0 = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    loss = convex_loss(torch.randn_like(z0))
+    cfg = FlowGradConfig(n_steps=10, iterations=1, lr=0.05, t_window=(0.3, 1.0))  # first window step: 3
+    for kwargs, message in [(dict(start_step=4), "starts at step 3, before start_step 4"),
+                            (dict(start_step=10), r"start_step must be an integer in \[0, 9\]"),
+                            (dict(start_step=-1), "start_step must be an integer"),
+                            (dict(start_step=2, controls=torch.ones((10, *z0.shape), dtype=z0.dtype)),
+                             "zero before start_step 2")]:
+        with pytest.raises(ValueError, match=message):
+            flowgrad.optimize(ConvField(), z0, loss, config=cfg, **kwargs)
+    start = flowgrad.initial_pass(ConvField(), z0, cfg)
+    with pytest.raises(ValueError, match="another time grid"):
+        flowgrad.optimize(ConvField(), z0, loss, config=cfg, initial=start, start_step=2)
