@@ -257,7 +257,8 @@ def _optimize_images(cfg: DiscoveryConfig, velocity, clip, b: int, idx: list[int
                     replicas=cfg.replicas, seed=seed, preserve=preserve, preserve_weight=cfg.preserve_weight,
                     off_axis_weight=cfg.off_axis_weight)
     result = optimize(velocity, z0, lambda x: loss(velocity.to_image(x)), config=cfg.flowgrad, initial=start,
-                      start_step=cfg.start_step, callback=lambda info: report(info.iteration, float(np.nanmean(info.losses.numpy()))))
+                      start_step=cfg.start_step,
+                      callback=lambda info: report(info.iteration, float(np.nanmean(info.losses.numpy()))))
     with torch.no_grad():
         after = velocity.to_image(result.images).clamp(0, 1)
         clip_before = clip_score(clip, source, cfg.prompt).cpu().double()
