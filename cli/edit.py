@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .common import (bf16_option, coarse_option, compile_option, console, friendly_errors, graphs_option,
+from .common import (CliError, bf16_option, coarse_option, compile_option, console, friendly_errors, graphs_option,
                      maybe_graphed, model_kwargs, pick_device, precision_name, progress_bar, setup_logging)
 
 
@@ -28,6 +28,9 @@ from .common import (bf16_option, coarse_option, compile_option, console, friend
 @click.option("--iterations", type=int, default=10, show_default=True)
 @click.option("--lr", type=float, default=None, help="Default: 10 (the paper's) for NCSN++, 1 for the demo.")
 @click.option("--threshold", type=float, default=5e-3, show_default=True)
+@click.option("--t-window", nargs=2, type=float, default=(0.0, 1.0), show_default=True,
+              help="Optimize only controls with t in [T_START, T_END]; the image is inverted only down to T_START's "
+                   "step.")
 @coarse_option
 @graphs_option
 @click.option("--replicas", type=int, default=None, help="Augmented copies (default: 20, demo 4).")
@@ -39,8 +42,8 @@ from .common import (bf16_option, coarse_option, compile_option, console, friend
 @click.option("-v", "--verbose", is_flag=True)
 @friendly_errors
 def edit(image, prompt, negative, alpha, off_axis_weight, model, model_config, bf16, compile_model, clip, n_steps,
-         iterations, lr, threshold, coarse_forward, cuda_graphs, replicas, invert_method, seed, device, out_dir,
-         verbose) -> None:
+         iterations, lr, threshold, t_window, coarse_forward, cuda_graphs, replicas, invert_method, seed, device,
+         out_dir, verbose) -> None:
     """Invert IMAGE, optimize it towards --prompt with FlowGrad, and write original/reconstruct/optimized PNGs
     plus metrics.json."""
     setup_logging(verbose)
@@ -53,6 +56,15 @@ def edit(image, prompt, negative, alpha, off_axis_weight, model, model_config, b
 
     from .images import load_image, save_image
 
+    demo = model == "demo"
+    cfg = FlowGradConfig(n_steps=n_steps, iterations=iterations, lr=lr or (1.0 if demo else 10.0),
+                         threshold=threshold if threshold > 0 else None, coarse_forward=coarse_forward,
+                         t_window=tuple(t_window))
+    in_window = cfg.grid.window_mask(*cfg.t_window)
+    if not in_window.any():
+        raise CliError(f"the time window [{t_window[0]:g}, {t_window[1]:g}] holds none of the {n_steps} steps; "
+                       "widen --t-window or use more --steps")
+    first = int(in_window.nonzero()[0])  # the steps before the window carry no control: invert only down to it
     timings: dict[str, float] = {}
     t = time.perf_counter()
     dev = pick_device(device)
@@ -64,14 +76,11 @@ def edit(image, prompt, negative, alpha, off_axis_weight, model, model_config, b
     original = load_image(Path(image), velocity.sample_shape[-1], notices=notices).unsqueeze(0).to(dev)
     for n in notices:
         console(f"notice: {n}")
-    demo = model == "demo"
-    cfg = FlowGradConfig(n_steps=n_steps, iterations=iterations, lr=lr or (1.0 if demo else 10.0),
-                         threshold=threshold if threshold > 0 else None, coarse_forward=coarse_forward)
 
     t = time.perf_counter()
     x1 = velocity.from_image(original)
-    z0 = invert(velocity, x1, n_steps, method=invert_method)
-    start = initial_pass(velocity, z0, cfg)  # the reconstruction, and the optimization's first pass
+    z0 = invert(velocity, x1, cfg.grid.sub(first), method=invert_method)
+    start = initial_pass(velocity, z0, cfg, start_step=first)  # the reconstruction, and the first pass
     recon_rmse = rmse(start.final, x1)
     timings["inversion"] = time.perf_counter() - t
     loss = ClipLoss(guidance, prompt, negative_prompt=negative, source=original, alpha=alpha,
@@ -84,7 +93,7 @@ def edit(image, prompt, negative, alpha, off_axis_weight, model, model_config, b
             bar.refresh()
 
         result = optimize(velocity, z0, lambda x: loss(velocity.to_image(x)), config=cfg, initial=start,
-                          callback=callback)
+                          start_step=first, callback=callback)
     timings["optimization"] = time.perf_counter() - t
     timings.update({f"optimization.{k}": v for k, v in result.timings.items()})
     optimized = velocity.to_image(result.images).clamp(0, 1)
@@ -105,7 +114,8 @@ def edit(image, prompt, negative, alpha, off_axis_weight, model, model_config, b
             "loss_before": float(result.initial_loss[0]), "loss_best": float(result.best_loss[0]),
             "best_iteration": int(result.best_iteration[0]), "status": result.status[0],
             "segments_per_iteration": result.segment_counts[:, 0].tolist(), "n_steps": n_steps,
-            "iterations": iterations, "lr": cfg.lr, "threshold": cfg.threshold,
+            "iterations": iterations, "lr": cfg.lr, "threshold": cfg.threshold, "t_window": list(cfg.t_window),
+            "inverted_to_step": first,
             "precision": precision_name(velocity),
             "compile_backend": getattr(velocity, "compile_backend", None),
             "coarse_forward": cfg.coarse_forward, "cuda_graphs": isinstance(velocity, GraphedVelocity),

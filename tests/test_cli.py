@@ -530,6 +530,30 @@ def test_edit_writes_the_three_images_and_metrics(rendered, tmp_path):
     assert np.abs(png(out / "reconstruct.png").astype(np.int16) - own).max() <= 1
 
 
+def test_edit_with_a_time_window_inverts_only_down_to_it(rendered, tmp_path):
+    out = tmp_path / "edit"
+    result = invoke("flowgrad", "edit", rendered["square"], "--prompt", "a photo of a smiling person", "--steps", "4",
+                    "--iterations", "1", "--replicas", "1", "--t-window", "0.5", "1", "--device", "cpu", "--out", out)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["t_window"] == [0.5, 1.0] and metrics["inverted_to_step"] == 2
+    from cli.images import load_image
+    from flowgrad import TimeGrid, invert, reconstruction_error
+    from flowgrad.models import load_model
+
+    velocity = load_model("demo")
+    x1 = velocity.from_image(load_image(rendered["square"], 64).unsqueeze(0))
+    grid = TimeGrid.uniform(4).sub(2)
+    with torch.no_grad():
+        _, expected = reconstruction_error(velocity, x1, invert(velocity, x1, grid), grid)
+    assert 0 < metrics["reconstruction_rmse"] == pytest.approx(float(expected), rel=1e-4)
+    for window, message in [(("0.9", "1"), "holds none of the 4 steps"), (("0.8", "0.2"), "t_window")]:
+        result = invoke("flowgrad", "edit", rendered["square"], "--prompt", "a smile", "--steps", "4",
+                        "--t-window", *window, "--device", "cpu", "--out", tmp_path / "bad")
+        assert_cli_error(result, message)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_edit_resizes_an_image_of_another_size_with_a_notice(rendered, tmp_path):
     out = tmp_path / "edit"
     result = _edit(rendered["wide"], out)
