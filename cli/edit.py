@@ -60,11 +60,10 @@ def edit(image, prompt, negative, alpha, off_axis_weight, model, model_config, b
     cfg = FlowGradConfig(n_steps=n_steps, iterations=iterations, lr=lr or (1.0 if demo else 10.0),
                          threshold=threshold if threshold > 0 else None, coarse_forward=coarse_forward,
                          t_window=tuple(t_window))
-    in_window = cfg.grid.window_mask(*cfg.t_window)
-    if not in_window.any():
+    first = cfg.first_window_step  # the steps before the window carry no control: invert only down to it
+    if first == n_steps:
         raise CliError(f"the time window [{t_window[0]:g}, {t_window[1]:g}] holds none of the {n_steps} steps; "
                        "widen --t-window or use more --steps")
-    first = int(in_window.nonzero()[0])  # the steps before the window carry no control: invert only down to it
     timings: dict[str, float] = {}
     t = time.perf_counter()
     dev = pick_device(device)

@@ -107,7 +107,7 @@ class DiscoveryConfig:
             if not getattr(self, key) >= 0.0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         fg = self.flowgrad
-        if not fg.grid.window_mask(*fg.t_window).any():
+        if fg.first_window_step == fg.n_steps:
             raise ValueError(f"the time window [{fg.t_window[0]:g}, {fg.t_window[1]:g}] holds none of the {fg.n_steps} "
                              f"steps (evaluated at t = {fg.grid.times[0]:.3g} ... {fg.grid.times[-1]:.3g}); widen "
                              "--t-window or use more --steps")
@@ -130,8 +130,7 @@ class DiscoveryConfig:
         """The step of the N-step grid real images are inverted to and optimized from (0: t = eps)."""
         if self.images is None or not self.invert_to_window or self.aggregator in ("probe", "joint"):
             return 0
-        in_window = self.flowgrad.grid.window_mask(*self.flowgrad.t_window)
-        return int(in_window.nonzero()[0]) if in_window.any() else 0
+        return self.flowgrad.first_window_step  # never n_steps: __post_init__ refuses an empty window
 
     @property
     def n_batches(self) -> int:

@@ -76,6 +76,11 @@ class FlowGradConfig:
     def grid(self) -> TimeGrid:
         return TimeGrid.uniform(self.n_steps, self.eps)
 
+    @property
+    def first_window_step(self) -> int:
+        """Index of the first step whose time lies in ``t_window`` (``n_steps`` when the window holds none)."""
+        return _window_start(self.grid, self)[1]
+
 
 @dataclass(frozen=True)
 class IterationInfo:
