@@ -65,7 +65,7 @@ def skipped_note(statuses: Iterable[str]) -> str:
                    "attribute's recipe].")
 @click.option("--off-axis-weight", type=float, default=None,
               help="Weight of the term charging what CLIP sees change besides the prompt's direction "
-                   "[default: 0 = off, or the attribute's recipe; old: 0.5].")
+                   "[default: 0 = off, or the attribute's recipe].")
 @click.option("--aggregator", type=click.Choice(["mean", "pc1", "pca", "probe", "robust", "joint"]),
               default="mean", show_default=True,
               help="How the direction is formed: an aggregate of per-image controls, or 'joint': one "

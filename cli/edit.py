@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .common import (CliError, bf16_option, coarse_option, compile_option, console, friendly_errors, graphs_option,
+from .common import (bf16_option, coarse_option, compile_option, console, friendly_errors, graphs_option,
                      maybe_graphed, model_kwargs, pick_device, precision_name, progress_bar, setup_logging)
 
 
@@ -61,9 +61,6 @@ def edit(image, prompt, negative, alpha, off_axis_weight, model, model_config, b
                          threshold=threshold if threshold > 0 else None, coarse_forward=coarse_forward,
                          t_window=tuple(t_window))
     first = cfg.first_window_step  # the steps before the window carry no control: invert only down to it
-    if first == n_steps:
-        raise CliError(f"the time window [{t_window[0]:g}, {t_window[1]:g}] holds none of the {n_steps} steps; "
-                       "widen --t-window or use more --steps")
     timings: dict[str, float] = {}
     t = time.perf_counter()
     dev = pick_device(device)

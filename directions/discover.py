@@ -106,11 +106,6 @@ class DiscoveryConfig:
         for key in ("preserve_weight", "off_axis_weight"):
             if not getattr(self, key) >= 0.0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
-        fg = self.flowgrad
-        if fg.first_window_step == fg.n_steps:
-            raise ValueError(f"the time window [{fg.t_window[0]:g}, {fg.t_window[1]:g}] holds none of the {fg.n_steps} "
-                             f"steps (evaluated at t = {fg.grid.times[0]:.3g} ... {fg.grid.times[-1]:.3g}); widen "
-                             "--t-window or use more --steps")
         object.__setattr__(self, "preserve", tuple((str(p), str(n)) for p, n in self.preserve))
         if self.aggregator == "joint" and self.flowgrad.optimizer != "sgd":
             raise ValueError("--aggregator joint uses SGD on the shared control; drop --optimizer adam")
@@ -130,7 +125,7 @@ class DiscoveryConfig:
         """The step of the N-step grid real images are inverted to and optimized from (0: t = eps)."""
         if self.images is None or not self.invert_to_window or self.aggregator in ("probe", "joint"):
             return 0
-        return self.flowgrad.first_window_step  # never n_steps: __post_init__ refuses an empty window
+        return self.flowgrad.first_window_step
 
     @property
     def n_batches(self) -> int:

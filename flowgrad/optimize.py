@@ -35,7 +35,8 @@ class FlowGradConfig:
             which images share a batch) or "shared" (one segmentation from the batch's maximum
             straightness: fewer, fuller VJP calls).
         eps: start time of the uniform grid.
-        t_window: only controls at steps with t in [t_start, t_end] are optimized (others stay zero).
+        t_window: only controls at steps with t in [t_start, t_end] are optimized (others stay zero); it must
+            hold at least one step.
         coarse_forward: evaluate the velocity only at the starts of the backward segments in the
             iterations between the first and the final forward pass (see :func:`optimize`); needs a
             threshold.
@@ -68,6 +69,11 @@ class FlowGradConfig:
         if not (0.0 <= t0 <= t1 <= 1.0):
             raise ValueError(f"t_window must satisfy 0 <= t_start <= t_end <= 1, got {self.t_window}")
         object.__setattr__(self, "t_window", (float(t0), float(t1)))
+        if self.first_window_step == self.n_steps:
+            times = self.grid.times
+            raise ValueError(f"the time window [{t0:g}, {t1:g}] holds none of the {self.n_steps} steps (evaluated "
+                             f"at t = {times[0]:.3g} ... {times[-1]:.3g}); widen the window (--t-window) or use "
+                             "more steps")
         if self.coarse_forward and self.threshold is None:
             raise ValueError("coarse_forward needs a straightness threshold (it evaluates the velocity once "
                              "per backward segment)")
@@ -78,7 +84,7 @@ class FlowGradConfig:
 
     @property
     def first_window_step(self) -> int:
-        """Index of the first step whose time lies in ``t_window`` (``n_steps`` when the window holds none)."""
+        """Index of the first step whose time lies in ``t_window``."""
         return _window_start(self.grid, self)[1]
 
 
@@ -293,7 +299,7 @@ def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100
         coarse_forward=coarse_forward)
     check_latents(z0)
     grid = _grid_from(cfg, start_step)
-    check_controls(controls, resolve_grid(cfg.n_steps, cfg.eps), z0)
+    check_controls(controls, cfg.grid, z0)
     if controls is not None and start_step:
         if bool(controls[:start_step].any()):
             raise ValueError(f"controls must be zero before start_step {start_step}")

@@ -104,6 +104,9 @@ def test_config_validation():
         FlowGradConfig(optimizer="lbfgs")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="t_window"):
         FlowGradConfig(t_window=(0.8, 0.2))
+    with pytest.raises(ValueError, match=r"the time window \[0.9, 1\] holds none of the 4 steps"):
+        FlowGradConfig(n_steps=4, t_window=(0.9, 1.0))
+    assert FlowGradConfig(n_steps=4, t_window=(0.5, 1.0)).first_window_step == 2
     cfg = FlowGradConfig(n_steps=5, iterations=1, lr=0.1, threshold=None)
     field = ConvField()
     z0 = torch.randn(1, 3, 3, 3, dtype=torch.float64)
