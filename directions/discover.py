@@ -61,6 +61,9 @@ class DiscoveryConfig:
         preserve_weight: weight of that term (0: off).
         off_axis_weight: weight of the guidance loss's off-axis term: what CLIP sees change besides the
             prompt's direction (0: off; see :class:`~flowgrad.clip_guidance.ClipLoss`).
+        fixed_augmentations: draw each batch's CLIP augmentations once and reuse them in every pass, so
+            the passes (and the "improved" decision) are compared on the same objective instead of on
+            fresh random crops each time.
         aggregator: how per-image controls become one direction, or "joint": optimize one control shared
             by all images instead (:mod:`directions.joint`).
         invert_method: inversion solver for real images.
@@ -89,6 +92,7 @@ class DiscoveryConfig:
     preserve: tuple[tuple[str, str], ...] = ()
     preserve_weight: float = 0.0
     off_axis_weight: float = 0.0
+    fixed_augmentations: bool = False
     aggregator: Method = "mean"
     invert_method: str = "euler"
     invert_to_window: bool = True
@@ -249,7 +253,7 @@ def _optimize_images(cfg: DiscoveryConfig, velocity, clip, b: int, idx: list[int
     preserve = cfg.preserve if cfg.preserve_weight > 0 else ()
     loss = ClipLoss(clip, cfg.prompt, negative_prompt=negative, source=source, alpha=cfg.alpha,
                     replicas=cfg.replicas, seed=seed, preserve=preserve, preserve_weight=cfg.preserve_weight,
-                    off_axis_weight=cfg.off_axis_weight)
+                    off_axis_weight=cfg.off_axis_weight, fixed_augmentations=cfg.fixed_augmentations)
     result = optimize(velocity, z0, lambda x: loss(velocity.to_image(x)), config=cfg.flowgrad, initial=start,
                       start_step=cfg.start_step,
                       callback=lambda info: report(info.iteration, float(np.nanmean(info.losses.numpy()))))

@@ -145,7 +145,8 @@ def optimize_joint(cfg, velocity, clip, inputs: BatchInputs, ckpt, device: torch
     # One loss per batch (text embeddings once); its augmentation draws are reseeded per (batch, iteration).
     losses_of = {b: ClipLoss(clip, cfg.prompt, negative_prompt=negative, source=cache[b][1], alpha=cfg.alpha,
                              replicas=cfg.replicas, preserve=preserve, preserve_weight=cfg.preserve_weight,
-                             off_axis_weight=cfg.off_axis_weight)
+                             off_axis_weight=cfg.off_axis_weight,
+                             fixed_augmentations=cfg.fixed_augmentations)
                  for b in mine}
     for it in range(start, iters + 1):
         last = it == iters  # the final evaluation: its gradients only give the per-image cosines
@@ -157,7 +158,8 @@ def optimize_joint(cfg, velocity, clip, inputs: BatchInputs, ckpt, device: torch
         for j, b in enumerate(mine):
             idx = list(cfg.batch_indices(b))
             loss = losses_of[b]
-            loss.generator.manual_seed((cfg.seed * 1_000_003 + b) * 1_009 + it)
+            # (fixed augmentations: iteration 0's draw in every pass, also after a --resume)
+            loss.generator.manual_seed((cfg.seed * 1_000_003 + b) * 1_009 + (0 if cfg.fixed_augmentations else it))
             try:
                 losses, ok, clips, grads = _batch_pass(cfg, velocity, clip, loss, wt, cache[b][0], grid)
             except _OOM:

@@ -516,7 +516,10 @@ class ClipLoss:
 
     Augmentation parameters are drawn per image per replica from the loss's own CPU generator
     (seeded once with ``seed``), so a sequence of calls is reproducible and image ``b``'s loss
-    depends only on image ``b`` (and its parameters). Text embeddings are computed once; all
+    depends only on image ``b`` (and its parameters). By default every call draws new ones; with
+    ``fixed_augmentations`` the first call with a batch of B images draws them and every later call
+    with B images reuses them, so the loss is a deterministic function of the images (passes of an
+    optimization are then compared without augmentation noise). Text embeddings are computed once; all
     ``B * replicas`` augmented images go through the image tower in one call (or chunks of
     ``max_batch``).
 
@@ -528,7 +531,7 @@ class ClipLoss:
                  source: Tensor | None = None, alpha: float = 0.7, replicas: int = 20,
                  policy: Policy = POLICY_OPS, seed: int = 0, max_batch: int | None = None,
                  preserve: Sequence[tuple[str, str]] = (), preserve_weight: float = 0.0,
-                 off_axis_weight: float = 0.0) -> None:
+                 off_axis_weight: float = 0.0, fixed_augmentations: bool = False) -> None:
         if not isinstance(clip, ClipModel):
             raise TypeError(f"clip must be a ClipModel (from load_clip/random_clip), got "
                             f"{type(clip).__name__}")
@@ -567,6 +570,8 @@ class ClipLoss:
         self.seed = int(seed)
         self.max_batch = max_batch
         self.generator = torch.Generator().manual_seed(self.seed)
+        self.fixed_augmentations = bool(fixed_augmentations)
+        self._fixed_params: dict[int, AugmentParams] = {}
         texts = [prompt] if negative_prompt is None else [prompt, negative_prompt]
         embeddings = clip.encode_text(texts)
         self.text_embedding: Tensor = embeddings[0]
@@ -605,7 +610,11 @@ class ClipLoss:
         """
         _check_images(images, "images", self.clip.device)
         b = images.shape[0]
-        if params is None:
+        if params is None and self.fixed_augmentations:
+            if b not in self._fixed_params:
+                self._fixed_params[b] = self.sample_params(b)
+            params = self._fixed_params[b]
+        elif params is None:
             params = self.sample_params(b)
         elif len(params) != b * self.replicas and params.policy:
             raise ValueError(f"params has {len(params)} rows, expected batch * replicas = "

@@ -339,6 +339,21 @@ def test_calls_are_reproducible_from_the_seed_and_draw_fresh_params(clip):
     assert not torch.equal(a1, ClipLoss(clip, PROMPT, replicas=2, seed=12)(x))
 
 
+def test_fixed_augmentations_reuse_the_first_draw_per_batch_size(clip):
+    x = images()
+    fixed = ClipLoss(clip, PROMPT, replicas=2, seed=11, fixed_augmentations=True)
+    first = fixed(x)
+    assert torch.equal(fixed(x), first)  # a deterministic function of the images
+    draw = ClipLoss(clip, PROMPT, replicas=2, seed=11)
+    assert torch.equal(first, draw(x, draw.sample_params(3)))  # the seed's first draw
+    fixed(x[:2])  # another batch size draws its own set and keeps the first
+    assert torch.equal(fixed(x), first)
+    moved = x.clone()
+    moved[1] = moved[1].flip(-1)  # a change to image 1 changes its loss only
+    after = fixed(moved)
+    assert torch.equal(after[[0, 2]], first[[0, 2]]) and not torch.equal(after[1], first[1])
+
+
 def test_max_batch_chunks_give_the_same_loss(clip):
     x = images()
     whole = ClipLoss(clip, PROMPT, replicas=4, seed=1)(x)

@@ -704,9 +704,13 @@ def test_joint_direction_contract_and_records(joint_discovered):
     assert not partial_dir(store, "old").exists()
 
 
-def test_joint_resumes_to_the_uninterrupted_result(joint_discovered, demo_models, tmp_path):
+@pytest.mark.parametrize("fixed", [False, True], ids=["fresh-augmentations", "fixed-augmentations"])
+def test_joint_resumes_to_the_uninterrupted_result(joint_discovered, demo_models, tmp_path, fixed):
     velocity, clip = demo_models
-    reference = joint_discovered[0]
+    cfg = joint_config(fixed_augmentations=fixed)
+    reference = discover(cfg, velocity, clip, tmp_path / "ref.h5") if fixed else joint_discovered[0]
+    if fixed:  # every pass scores the same augmentations, so the result is not the fresh draws' one
+        assert not np.array_equal(reference.vector, joint_discovered[0].vector)
     store = tmp_path / "s.h5"
 
     def interrupt(p: BatchProgress) -> None:
@@ -714,11 +718,11 @@ def test_joint_resumes_to_the_uninterrupted_result(joint_discovered, demo_models
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        discover(joint_config(), velocity, clip, store, progress=interrupt)
+        discover(cfg, velocity, clip, store, progress=interrupt)
     partial = partial_dir(store, "old")
     assert sorted(p.name for p in partial.glob("batch_*.npz")) == ["batch_000001.npz"]  # only the latest
     iterations: list[int] = []
-    resumed = discover(joint_config(), velocity, clip, store, resume=True,
+    resumed = discover(cfg, velocity, clip, store, resume=True,
                        progress=lambda p: iterations.append(p.iteration))
     assert min(iterations) == 2  # iterations 0 and 1 came from the checkpoint
     rel = np.linalg.norm((resumed.vector - reference.vector).astype(np.float64)) / np.linalg.norm(reference.vector)

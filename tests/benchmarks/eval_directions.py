@@ -77,6 +77,8 @@ def main() -> None:
                    help="Weight of the preservation term (the registry's 'preserve' attributes); 0: off.")
     p.add_argument("--off-axis-weight", type=float, default=0.0,
                    help="Weight of the guidance loss's off-axis term (0: off).")
+    p.add_argument("--fixed-augmentations", action="store_true",
+                   help="Reuse each batch's CLIP augmentations in every pass (discovery and per-image).")
     p.add_argument("--preserve", nargs="*", default=None,
                    help="Attributes to preserve instead of each attribute's registry list.")
     p.add_argument("--t-window", nargs=2, type=float, default=(0.3, 1.0))
@@ -122,7 +124,8 @@ def main() -> None:
                               n_images=args.n_images, batch_size=args.batch_size, flowgrad=fg, alpha=args.alpha,
                               replicas=args.replicas, aggregator=args.aggregator,
                               preserve=keep_pairs(attr), preserve_weight=args.preserve_weight,
-                              off_axis_weight=args.off_axis_weight)
+                              off_axis_weight=args.off_axis_weight,
+                              fixed_augmentations=args.fixed_augmentations)
         return discover(cfg, velocity, clip, store.path, device=dev)
 
     fg = FlowGradConfig(n_steps=args.steps, iterations=args.iterations, lr=args.lr, t_window=tuple(args.t_window),
@@ -139,6 +142,8 @@ def main() -> None:
             direction = get_direction(name)
             entry.update(discovery_s=round(time.perf_counter() - t0, 2),
                          split_half_cosine=direction.split_half_cosine, scale=direction.scale)
+            if "status" in direction.records:
+                entry["images_ok"] = int((np.asarray(direction.records["status"]) == "ok").sum())
         before = velocity.to_image(apply_controls(velocity, z0, None, args.steps)).clamp(0, 1)
         jb = world.judge(before)
         for s in ([] if args.per_image_only else args.strengths):
@@ -158,7 +163,8 @@ def main() -> None:
             keep = keep_pairs(attr) if args.preserve_weight > 0 else ()
             loss = ClipLoss(clip, attr.prompt, negative_prompt=attr.negative_prompt, source=before,
                             alpha=args.alpha, replicas=args.replicas, seed=1, preserve=keep,
-                            preserve_weight=args.preserve_weight, off_axis_weight=args.off_axis_weight)
+                            preserve_weight=args.preserve_weight, off_axis_weight=args.off_axis_weight,
+                            fixed_augmentations=args.fixed_augmentations)
             t0 = time.perf_counter()
             res = optimize(velocity, z0, lambda x: loss(velocity.to_image(x)), config=fg)
             if dev.type == "cuda":
@@ -174,6 +180,9 @@ def main() -> None:
     (out / "eval_directions.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     print(f"{'attr':12} {'strength':>8} {'gain':>7} {'right%':>7} {'maxleak':>8} {'worst':>16} {'L1':>6}")
     for name, e in report["attributes"].items():
+        if "images_ok" in e:
+            print(f"{name:12} discovery: {e['images_ok']} images ok, scale {e['scale']:.3f}, "
+                  f"split-half cosine {e['split_half_cosine']:.3f}")
         for s, st in e["strengths"].items():
             print(f"{name:12} {s:>8} {st['target_gain_mean']:7.3f} {100 * st['target_moved_right_way']:6.1f}% "
                   f"{st['max_other_abs_change']:8.3f} {st['worst_other']:>16} {st['l1']:6.3f}"
