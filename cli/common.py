@@ -176,6 +176,45 @@ coarse_option = click.option(
          "(fewer network calls; final images still come from the full N-step ODE).")
 
 
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool) -> Iterator[None]:
+    """Deterministic kernels for the duration (``torch.use_deterministic_algorithms``); restored after.
+
+    Sets ``CUBLAS_WORKSPACE_CONFIG`` (cuBLAS needs it for repeatable results; kept if already set) and
+    turns cuDNN's benchmark mode off. The library's own ops follow the setting (the augmentations' and the
+    CLIP input's bilinear resampling run as matrix products then).
+    """
+    if not enabled:
+        yield
+        return
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark = before[2]
+
+
+def deterministic_option(fn: Callable) -> Callable:
+    """``--deterministic``: run the command under :func:`deterministic_mode`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, deterministic: bool = False, **kwargs):
+        with deterministic_mode(deterministic):
+            return fn(*args, **kwargs)
+
+    return click.option(
+        "--deterministic", is_flag=True,
+        help="Deterministic GPU kernels: the same result on every run, and under torchrun or after --resume "
+             "the same as one uninterrupted process (slower; the CPU is deterministic anyway).")(wrapper)
+
+
 def maybe_graphed(velocity, device, enabled: bool):
     """``velocity`` wrapped in CUDA graphs when ``enabled`` and ``device`` is a CUDA device."""
     from flowgrad.cuda_graphs import GraphedVelocity, graphs_available

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import click
 
-from .common import (CliError, bf16_option, coarse_option, compile_option, console, friendly_errors, graphs_option,
-                     maybe_graphed, model_kwargs, pick_device, precision_name, progress_bar, setup_logging,
-                     warm_cuda)
+from .common import (CliError, bf16_option, coarse_option, compile_option, console, deterministic_option,
+                     friendly_errors, graphs_option, maybe_graphed, model_kwargs, pick_device, precision_name,
+                     progress_bar, setup_logging, warm_cuda)
 
 DEFAULT_STORE = Path("directions.h5")
 
@@ -77,6 +77,7 @@ def skipped_note(statuses: Iterable[str]) -> str:
 @click.option("--keep-offsets", is_flag=True, help="Also store every image's raw controls (compressed).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted job with the same settings.")
 @click.option("-v", "--verbose", is_flag=True)
+@deterministic_option
 @friendly_errors
 def discover_directions(attr, prompt, negative, name, model, model_config, bf16, compile_model, clip, images, n_images,
                         batch_size, n_steps, iterations, lr, optimizer, threshold, alpha, replicas, t_window,

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import click
 
-from .common import (bf16_option, coarse_option, compile_option, console, friendly_errors, graphs_option,
-                     maybe_graphed, model_kwargs, pick_device, precision_name, progress_bar, setup_logging)
+from .common import (bf16_option, coarse_option, compile_option, console, deterministic_option, friendly_errors,
+                     graphs_option, maybe_graphed, model_kwargs, pick_device, precision_name, progress_bar,
+                     setup_logging)
 
 
 @click.command("edit")
@@ -40,6 +41,7 @@ from .common import (bf16_option, coarse_option, compile_option, console, friend
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("-v", "--verbose", is_flag=True)
+@deterministic_option
 @friendly_errors
 def edit(image, prompt, negative, alpha, off_axis_weight, model, model_config, bf16, compile_model, clip, n_steps,
          iterations, lr, threshold, t_window, coarse_forward, cuda_graphs, replicas, invert_method, seed, device,
@@ -115,6 +117,7 @@ def edit(image, prompt, negative, alpha, off_axis_weight, model, model_config, b
             "precision": precision_name(velocity),
             "compile_backend": getattr(velocity, "compile_backend", None),
             "coarse_forward": cfg.coarse_forward, "cuda_graphs": isinstance(velocity, GraphedVelocity),
+            "deterministic": torch.are_deterministic_algorithms_enabled(),
             "wall_time_s": {k: round(v, 3) for k, v in timings.items()},
         }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -26,7 +26,9 @@ Ops (applied in policy order):
   C, H, W), each with its own u per sample.
 * ``translation``: integer shift by up to ``round(size / 8)`` pixels in each axis, zero padding.
 * ``resize``: zoom about the centre by a factor in [0.8, 1.2] (bilinear, zero padding): > 1
-  crops and enlarges, < 1 shrinks with a zero border; output size equals input size.
+  crops and enlarges, < 1 shrinks with a zero border; output size equals input size. Under
+  ``torch.use_deterministic_algorithms(True)`` the same resampling runs as two matrix products
+  (:func:`resample_separable`), since ``grid_sample``'s CUDA backward is not deterministic.
 * ``cutout``: a zeroed square of half the image size (clipped at the borders) at a uniformly
   random centre.
 
@@ -45,8 +47,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "AugmentParams", "POLICY_OPS", "Policy", "apply_augment", "diff_augment", "gaussian_blur", "parse_policy",
-    "sample_augment_params",
+    "AugmentParams", "POLICY_OPS", "Policy", "apply_augment", "bilinear_matrix", "diff_augment", "gaussian_blur",
+    "parse_policy", "resample_separable", "sample_augment_params",
 ]
 
 POLICY_OPS: tuple[str, ...] = ("color", "translation", "resize", "cutout")
@@ -198,11 +200,43 @@ def _translation(x: Tensor, u: Tensor) -> Tensor:
 def _resize(x: Tensor, u: Tensor) -> Tensor:
     low, high = RESIZE_RANGE
     zoom = low + (high - low) * u[:, 0]
+    if torch.are_deterministic_algorithms_enabled():  # grid_sample's CUDA backward is not deterministic
+        h, w = x.shape[-2:]
+        return resample_separable(x, _zoom_matrix(h, zoom), _zoom_matrix(w, zoom))
     theta = torch.zeros(x.shape[0], 2, 3, dtype=x.dtype, device=x.device)
     theta[:, 0, 0] = 1.0 / zoom
     theta[:, 1, 1] = 1.0 / zoom
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def bilinear_matrix(source: Tensor, n_in: int) -> Tensor:
+    """Rows of 1-D bilinear interpolation weights: (..., n_out) source coordinates -> (..., n_out, n_in).
+
+    Output sample ``i`` reads pixel ``j`` (centres at integer ``j``) with the tent weight
+    ``max(0, 1 - |source_i - j|)``; coordinates outside [0, n_in - 1] lose the weight of the missing
+    neighbour (zero padding). Applied along both axes (:func:`resample_separable`) this is bilinear
+    resampling as ``grid_sample`` / ``interpolate`` compute it, as two matrix products, whose
+    gradients are deterministic on a GPU (those two ops accumulate theirs with atomics).
+    """
+    j = torch.arange(n_in, dtype=source.dtype, device=source.device)
+    return (1.0 - (source.unsqueeze(-1) - j).abs()).clamp_min(0.0)
+
+
+def resample_separable(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """``rows @ x @ cols^T`` per image: x (B, C, H, W), rows (B or 1, H', H), cols (B or 1, W', W)."""
+    return rows.unsqueeze(1) @ x @ cols.unsqueeze(1).transpose(-1, -2)
+
+
+def _zoom_matrix(n: int, zoom: Tensor) -> Tensor:
+    """(B, n, n) weights of the ``resize`` op's zoom about the centre along one axis (zero padding).
+
+    The same sample points as ``affine_grid`` + ``grid_sample(align_corners=False)``: output pixel ``i``
+    at normalized position ``g = (2i + 1) / n - 1`` reads ``g / zoom``, i.e. pixel ``((g / zoom + 1) n - 1) / 2``.
+    """
+    g = (2.0 * torch.arange(n, dtype=zoom.dtype, device=zoom.device) + 1.0) / n - 1.0
+    source = ((g[None, :] * (1.0 / zoom)[:, None] + 1.0) * n - 1.0) / 2.0
+    return bilinear_matrix(source, n)
 
 
 def _cutout(x: Tensor, u: Tensor) -> Tensor:

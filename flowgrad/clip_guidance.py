@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .augment import POLICY_OPS, AugmentParams, Policy, apply_augment, parse_policy, \
-    sample_augment_params
+from .augment import POLICY_OPS, AugmentParams, Policy, apply_augment, bilinear_matrix, parse_policy, \
+    resample_separable, sample_augment_params
 
 __all__ = [
     "ClipLoadError", "ClipLoss", "ClipLossTerms", "ClipModel", "DEMO_CONFIG_DIR", "clip_score",
@@ -123,7 +123,11 @@ class ClipModel:
         """
         _check_images(images, "images", self.device)
         size = self.image_size
-        if images.shape[-2:] != (size, size):
+        if images.shape[-2:] != (size, size) and torch.are_deterministic_algorithms_enabled():
+            # the same resampling as two matrix products (interpolate's CUDA backward is not deterministic)
+            h, w = images.shape[-2:]
+            images = resample_separable(images, _resize_matrix(h, size, images), _resize_matrix(w, size, images))
+        elif images.shape[-2:] != (size, size):
             images = F.interpolate(images, size=(size, size), mode="bilinear",
                                    align_corners=False, antialias=False)
         mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
@@ -146,6 +150,17 @@ class ClipModel:
         x = self.preprocess(images)
         chunks = [x] if max_batch is None else x.split(max_batch)
         return torch.cat([self.model.encode_image(c, normalize=True).float() for c in chunks])
+
+
+def _resize_matrix(n_in: int, n_out: int, like: Tensor) -> Tensor:
+    """(1, n_out, n_in) weights of ``interpolate(mode="bilinear", align_corners=False, antialias=False)``.
+
+    Output sample ``i`` reads source position ``(i + 0.5) * n_in / n_out - 0.5``, clamped to the image
+    (interpolate repeats the edge pixels).
+    """
+    i = torch.arange(n_out, dtype=like.dtype, device=like.device)
+    source = ((i + 0.5) * (n_in / n_out) - 0.5).clamp(0.0, n_in - 1.0)
+    return bilinear_matrix(source, n_in).unsqueeze(0)
 
 
 def _check_images(images: Any, arg: str, device: torch.device) -> None:

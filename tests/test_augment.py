@@ -95,6 +95,32 @@ def test_resize_zoom_out_leaves_zero_border_and_zoom_in_does_not():
     assert (out[1] > 0).all()
 
 
+@pytest.fixture()
+def determinism_restored():
+    """The test may switch torch.use_deterministic_algorithms; the previous setting comes back after."""
+    before = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def test_deterministic_resize_is_grid_sample_as_matrix_products(determinism_restored):
+    """Under deterministic algorithms the resize op runs as two matrix products: same values and
+    gradients as grid_sample (float64), non-square images included."""
+    x = torch.rand(4, 3, 18, 26, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    params = params_for("resize", [[0.0], [0.3], [0.5], [1.0 - 1e-7]])
+    weights = torch.rand(x.shape, dtype=torch.float64)
+    results = []
+    for mode in (True, False):
+        torch.use_deterministic_algorithms(mode)
+        leaf = x.clone().requires_grad_(True)
+        out = apply_augment(leaf, params)
+        (grad,) = torch.autograd.grad((out * weights).sum(), leaf)
+        results.append((out.detach(), grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=1e-12)
+    assert not torch.equal(results[1][0], x)  # the zooms did move pixels
+
+
 def test_policy_parsing_and_validation():
     assert parse_policy("color, cutout") == ("color", "cutout")
     assert parse_policy(["resize"]) == ("resize",)

@@ -510,7 +510,7 @@ def test_edit_writes_the_three_images_and_metrics(rendered, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert EDIT_KEYS <= set(metrics), EDIT_KEYS - set(metrics)
     assert metrics["prompt"] == "a photo of a smiling person" and metrics["n_steps"] == 4
-    assert metrics["iterations"] == 1 and metrics["status"] == "ok"
+    assert metrics["iterations"] == 1 and metrics["status"] == "ok" and metrics["deterministic"] is False
     assert len(metrics["segments_per_iteration"]) >= 1
     assert metrics["loss_best"] <= metrics["loss_before"] + 1e-6
     for key in ("clip_score_original", "clip_score_reconstruct", "clip_score_optimized",
@@ -533,10 +533,13 @@ def test_edit_writes_the_three_images_and_metrics(rendered, tmp_path):
 def test_edit_with_a_time_window_inverts_only_down_to_it(rendered, tmp_path):
     out = tmp_path / "edit"
     result = invoke("flowgrad", "edit", rendered["square"], "--prompt", "a photo of a smiling person", "--steps", "4",
-                    "--iterations", "1", "--replicas", "1", "--t-window", "0.5", "1", "--device", "cpu", "--out", out)
+                    "--iterations", "1", "--replicas", "1", "--t-window", "0.5", "1", "--device", "cpu", "--deterministic",
+                    "--out", out)
     assert result.exit_code == 0, (result.stderr, result.exception)
+    assert not torch.are_deterministic_algorithms_enabled()  # only for the command's duration
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["t_window"] == [0.5, 1.0] and metrics["inverted_to_step"] == 2
+    assert metrics["deterministic"] is True
     from cli.images import load_image
     from flowgrad import TimeGrid, invert, reconstruction_error
     from flowgrad.models import load_model
@@ -737,6 +740,19 @@ def test_compile_with_the_demo_flow_is_a_one_line_error(tmp_path):
                     "--out", str(tmp_path / "d.h5"))
     assert_cli_error(result, "torch.compile is for NCSN++ models")
     assert not (tmp_path / "d.h5").exists()
+
+
+def test_discover_deterministic_gives_the_same_direction_and_restores_the_mode(base_store, tmp_path):
+    store = tmp_path / "det.h5"
+    result = invoke("discover-directions", "--attr", "old", *TINY_DISCOVERY, "--deterministic", "--out", store)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert not torch.are_deterministic_algorithms_enabled()  # the command's mode ends with it
+    det, ref = DirectionStore(store).read("old"), DirectionStore(base_store).read("old")
+    # on the CPU only the resize augmentation's arithmetic differs (matrix products instead of grid_sample):
+    # float32 rounding, and not zero (the mode was on during the job)
+    rel = np.linalg.norm((det.vector - ref.vector).astype(np.float64)) / np.linalg.norm(ref.vector)
+    assert 0 < rel <= 1e-4, rel
+    assert list(det.records["status"]) == list(ref.records["status"])
 
 
 def test_discover_coarse_forward_is_recorded_and_needs_a_threshold(base_store, tmp_path):

@@ -354,6 +354,27 @@ def test_fixed_augmentations_reuse_the_first_draw_per_batch_size(clip):
     assert torch.equal(after[[0, 2]], first[[0, 2]]) and not torch.equal(after[1], first[1])
 
 
+@pytest.mark.parametrize("size", [24, 40])  # the tower's input is 32: down- and upsampling
+def test_deterministic_preprocess_resizes_as_interpolate_does(clip, size):
+    """Under deterministic algorithms the input resize runs as matrix products: same values and pixel
+    gradients as interpolate (bilinear, no antialias)."""
+    x = images(3, size=size)
+    results = []
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        for mode in (True, False):
+            torch.use_deterministic_algorithms(mode)
+            leaf = x.clone().requires_grad_(True)
+            out = clip.preprocess(leaf)
+            (grad,) = torch.autograd.grad(out.square().sum(), leaf)
+            results.append((out.detach(), grad))
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert results[0][0].shape == (3, 3, 32, 32)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=1e-5)
+
+
 def test_max_batch_chunks_give_the_same_loss(clip):
     x = images()
     whole = ClipLoss(clip, PROMPT, replicas=4, seed=1)(x)
