@@ -755,6 +755,19 @@ def test_discover_deterministic_gives_the_same_direction_and_restores_the_mode(b
     assert list(det.records["status"]) == list(ref.records["status"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU kernels are what --deterministic pins down")
+def test_discover_deterministic_on_a_gpu_is_bitwise_repeatable(tmp_path):
+    args = ["--attr", "old", "--n-images", "32", "--batch-size", "16", "--steps", "8", "--iterations", "2",
+            "--device", "cuda", "--deterministic"]
+    vectors = []
+    for run in range(2):  # fresh processes: cuBLAS reads its workspace setting when it starts
+        out = tmp_path / f"run{run}.h5"
+        done = run_script("discover-directions", *args, "--out", out, timeout=300)
+        assert done.returncode == 0, done.stderr
+        vectors.append(DirectionStore(out).read("old").vector)
+    np.testing.assert_array_equal(vectors[0], vectors[1])
+
+
 def test_discover_coarse_forward_is_recorded_and_needs_a_threshold(base_store, tmp_path):
     store = tmp_path / "coarse.h5"
     result = invoke("discover-directions", "--attr", "old", *TINY_DISCOVERY, "--iterations", "3", "--steps", "8",
