@@ -63,7 +63,8 @@ class DiscoveryConfig:
             prompt's direction (0: off; see :class:`~flowgrad.clip_guidance.ClipLoss`).
         fixed_augmentations: draw each batch's CLIP augmentations once and reuse them in every pass, so
             the passes (and the "improved" decision) are compared on the same objective instead of on
-            fresh random crops each time.
+            fresh random crops each time. Off by default: on the demo world it kept a few more images but
+            made smaller edits with no better gain-versus-leakage trade (RESULTS.md 4.3, round 19).
         aggregator: how per-image controls become one direction, or "joint": optimize one control shared
             by all images instead (:mod:`directions.joint`).
         invert_method: inversion solver for real images.
