@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .common import CliError, console, friendly_errors, pick_device, setup_logging
+from .common import CliError, Command, console, friendly_errors, pick_device, setup_logging
 
 
 def parse_edits(attrs: tuple[str, ...], strength: float) -> list[tuple[str, float]]:
@@ -25,7 +25,7 @@ def parse_edits(attrs: tuple[str, ...], strength: float) -> list[tuple[str, floa
     return edits
 
 
-@click.command("apply-directions")
+@click.command("apply-directions", cls=Command)
 @click.argument("images", nargs=-1, type=click.Path(dir_okay=False))
 @click.option("--directions", "store_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="HDF5 direction store.")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import click
 import torch
 
-from .common import CliError, console, pick_device, progress_callback
+from .common import CliError, Group, console, friendly_errors, pick_device, progress_callback
 
 if TYPE_CHECKING:
     from flowgrad.demo.train import Callback, TrainConfig, TrainResult
@@ -24,7 +24,7 @@ JUDGE_BLUR = 0.8
 """Default --blur of the judge (the committed judge's training setting)."""
 
 
-@click.group("demo")
+@click.group("demo", cls=Group)
 def demo() -> None:
     """The embedded demo world: synthetic portraits, a small rectified flow, a tiny CLIP, a judge."""
 
@@ -56,6 +56,7 @@ def _card(world: int = 1) -> str:
               help="Judge: blur a random half of each batch with a Gaussian of sigma ~ U(0, BLUR) px.")
 @click.option("--init", "init_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="Continue training the flow from these weights (a flow.pt).")
+@friendly_errors
 def train(part: str, out_dir: Path, steps: int | None, max_seconds: float | None, batch_size: int | None,
           lr: float | None, seed: int, device: str, workers: int, pool: int, t_sampling: str, blur: float,
           init_path: Path | None) -> None:
@@ -79,8 +80,10 @@ def train(part: str, out_dir: Path, steps: int | None, max_seconds: float | None
         rank, world = dist.rank_and_world()
         for name in ["flow", "clip", "judge"] if part == "all" else [part]:
             d_steps, d_bs, d_lr = TRAIN_DEFAULTS[name]
-            cfg = tr.TrainConfig(steps=steps or d_steps, batch_size=batch_size or d_bs, lr=lr or d_lr, seed=seed,
-                                 max_seconds=max_seconds, warmup=min(500, (steps or d_steps) // 10),
+            n_steps = d_steps if steps is None else steps  # an explicit 0 is refused by TrainConfig, not replaced
+            cfg = tr.TrainConfig(steps=n_steps, batch_size=d_bs if batch_size is None else batch_size,
+                                 lr=d_lr if lr is None else lr, seed=seed,
+                                 max_seconds=max_seconds, warmup=min(500, n_steps // 10),
                                  t_sampling=t_sampling if name == "flow" else "uniform")
             bar = progress_callback(total=cfg.steps, desc=f"train {name}") if rank == 0 else contextlib.nullcontext()
             with bar as cb:
@@ -153,6 +156,7 @@ def _write_part(name: str, res: TrainResult, config: dict | None, cfg: TrainConf
 @demo.command("manifest")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=Path("data/demo"),
               show_default=True)
+@friendly_errors
 def manifest(directory: Path) -> None:
     """Merge the train_*.json records of a weights folder into manifest.json (checksums verified).
 
@@ -185,6 +189,7 @@ def manifest(directory: Path) -> None:
 @click.option("--grid", "grid_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Save an 8x8 grid of flow samples here (PNG).")
 @click.option("--device", default="auto", show_default=True)
+@friendly_errors
 def evaluate(directory: Path | None, n_images: int, n_steps: int, out_path: Path | None,
              grid_path: Path | None, device: str) -> None:
     """Measure the quality gates (judge R²/accuracy, CLIP zero-shot, flow statistics)."""

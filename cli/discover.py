@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .common import (CliError, bf16_option, coarse_option, compile_option, console, deterministic_option,
+from .common import (CliError, Command, bf16_option, coarse_option, compile_option, console, deterministic_option,
                      friendly_errors, graphs_option, maybe_graphed, model_kwargs, pick_device, precision_name,
                      progress_bar, setup_logging, warm_cuda)
 
@@ -28,7 +28,7 @@ def skipped_note(statuses: Iterable[str]) -> str:
     return f" ({', '.join(f'{n} {r}' for r, n in reasons.most_common())})" if reasons else ""
 
 
-@click.command("discover-directions")
+@click.command("discover-directions", cls=Command)
 @click.option("--attr", help="Attribute name from the registry (data/attributes.toml), e.g. old.")
 @click.option("--prompt", help="Attribute prompt (instead of --attr).")
 @click.option("--negative", "negative", default=None, help="Negative prompt to move away from.")
@@ -128,7 +128,7 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
     if preserve_weight > 0 and not keep:
         raise CliError("--preserve-weight needs attributes to preserve: pass --preserve ATTR")
     fg = FlowGradConfig(n_steps=n_steps, iterations=iterations, lr=lr, optimizer=optimizer,
-                        threshold=threshold if threshold > 0 else None, t_window=tuple(t_window),
+                        threshold=None if threshold == 0 else threshold, t_window=tuple(t_window),
                         coarse_forward=coarse_forward)
     cfg = DiscoveryConfig(name=name, prompt=prompt, negative_prompt=negative or "", model=model, clip=clip,
                           images=str(Path(images).resolve()) if images else None, n_images=n_images,

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import click
 
-from .common import (bf16_option, coarse_option, compile_option, console, deterministic_option, friendly_errors,
-                     graphs_option, maybe_graphed, model_kwargs, pick_device, precision_name, progress_bar,
-                     setup_logging)
+from .common import (Command, bf16_option, coarse_option, compile_option, console, deterministic_option,
+                     friendly_errors, graphs_option, maybe_graphed, model_kwargs, pick_device, precision_name,
+                     progress_bar, setup_logging)
 
 
-@click.command("edit")
+@click.command("edit", cls=Command)
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--prompt", required=True, help='e.g. "A photo of a smiling face."')
 @click.option("--negative", default=None, help="Optional negative prompt (directional CLIP loss).")
@@ -59,8 +59,8 @@ def edit(image, prompt, negative, alpha, off_axis_weight, model, model_config, b
     from .images import load_image, save_image
 
     demo = model == "demo"
-    cfg = FlowGradConfig(n_steps=n_steps, iterations=iterations, lr=lr or (1.0 if demo else 10.0),
-                         threshold=threshold if threshold > 0 else None, coarse_forward=coarse_forward,
+    cfg = FlowGradConfig(n_steps=n_steps, iterations=iterations, lr=(1.0 if demo else 10.0) if lr is None else lr,
+                         threshold=None if threshold == 0 else threshold, coarse_forward=coarse_forward,
                          t_window=tuple(t_window))
     first = cfg.first_window_step  # the steps before the window carry no control: invert only down to it
     timings: dict[str, float] = {}
@@ -82,7 +82,8 @@ def edit(image, prompt, negative, alpha, off_axis_weight, model, model_config, b
     recon_rmse = rmse(start.final, x1)
     timings["inversion"] = time.perf_counter() - t
     loss = ClipLoss(guidance, prompt, negative_prompt=negative, source=original, alpha=alpha,
-                    replicas=replicas or (4 if demo else 20), seed=seed, off_axis_weight=off_axis_weight)
+                    replicas=(4 if demo else 20) if replicas is None else replicas, seed=seed,
+                    off_axis_weight=off_axis_weight)
     t = time.perf_counter()
     with progress_bar(total=iterations + 1, desc="flowgrad", unit="it") as bar:
         def callback(info) -> None:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from .common import console, friendly_errors
+from .common import Command, console, friendly_errors
 
 
-@click.command("inspect")
+@click.command("inspect", cls=Command)
 @click.argument("store_path", type=click.Path(dir_okay=False, path_type=Path))
 @friendly_errors
 def inspect_store(store_path: Path) -> None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import click
 
-from .common import setup_logging
+from .common import Group, setup_logging
 from .demo import demo
 from .edit import edit
 from .inspect_store import inspect_store
 
 
-@click.group()
+@click.group(cls=Group)
 @click.option("-v", "--verbose", is_flag=True, help="Log what is being done.")
 @click.version_option(package_name="flowgrad")
 def flowgrad(verbose: bool) -> None:

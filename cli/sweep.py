@@ -8,10 +8,10 @@ from pathlib import Path
 
 import click
 
-from .common import console, friendly_errors, pick_device, setup_logging
+from .common import Command, console, friendly_errors, pick_device, setup_logging
 
 
-@click.command("plot-sweep")
+@click.command("plot-sweep", cls=Command)
 @click.argument("images", nargs=-1, type=click.Path(dir_okay=False))
 @click.option("--directions", "store_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--attr", required=True, help="Direction name.")

@@ -488,7 +488,7 @@ class ClipLossTerms:
     """The parts of one :class:`ClipLoss` evaluation, each (B,).
 
     Attributes:
-        loss: ``alpha * clip + (1 - alpha) * l1 + preserve_weight * keep``.
+        loss: ``alpha * (clip + off_axis_weight * off_axis) + (1 - alpha) * l1 + preserve_weight * keep``.
         clip: mean over replicas of ``-cos`` (or the directional difference).
         l1: mean absolute difference to the source image (zeros without a source).
         keep: mean absolute change of the preserved prompts' scores (None without any).

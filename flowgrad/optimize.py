@@ -96,7 +96,8 @@ class IterationInfo:
         iteration: 0-based index of the forward pass (``iterations`` is the final evaluation).
         losses: (B,) losses of this forward pass.
         best: (B,) best loss so far per image.
-        n_segments: (B,) backward segments used in this iteration (0 for the final evaluation).
+        n_segments: (B,) backward segments used in this iteration (those reaching the time window; 0 for
+            the final evaluation).
         elapsed: seconds since the start.
     """
 
@@ -244,6 +245,11 @@ def _check_initial(initial: InitialPass, grid: TimeGrid, first: int, z0: Tensor,
         raise ValueError("initial is the uncontrolled pass; it cannot be combined with nonzero initial controls")
 
 
+def _segments_from(segments: Segmentation, first: int) -> int:
+    """How many of the segments reach step ``first`` or later (those the backward sweep runs)."""
+    return sum(1 for s, n in zip(segments.starts, segments.lengths) if s + n > first)
+
+
 def _segment_starts(segments: Segmentation | Sequence[Segmentation]) -> list[int] | Tensor:
     """Where the backward segments start: shared step indices, or an (N, B) mask for per-image ones."""
     return list(segments.starts) if isinstance(segments, Segmentation) else start_mask(segments)
@@ -346,13 +352,14 @@ def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100
         else:
             with torch.no_grad():
                 traj = clock.measure("forward", lambda: integrate(velocity, z0, grid, u.detach(),
-                                                                  hold=held if coarse else None,
-                                                                  prefix=None if coarse else prefix))
+                                                                  hold=held if coarse else None, prefix=prefix))
         losses, lam = clock.measure("loss", lambda: loss_and_adjoint(loss_fn, traj.final))
         losses64 = losses.double().cpu()
         history[it] = losses64
         if it == 0:  # images that never get a finite loss keep their uncontrolled result
             best_images = traj.final.clone()
+            if cfg.coarse_forward:  # the first full pass, to compare with after the coarse passes
+                full_passes = {0: (u.detach().clone(), traj.final.clone())}
         lam_ok = torch.isfinite(lam).flatten(1).all(1).cpu()
         freeze(~torch.isfinite(losses64) | ~lam_ok, it)
         better = alive & (losses64 < best_loss)
@@ -368,18 +375,18 @@ def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100
                 segments = fixed
             elif cfg.threshold is None:
                 segments = None
-            elif cfg.segmentation == "shared":
-                segments = straightness_segments(traj, cfg.threshold)
+            elif cfg.segmentation == "shared":  # over the images still optimized (a frozen one may be NaN)
+                segments = straightness_segments(traj, cfg.threshold, among=alive)
             else:
                 segments = straightness_segments(traj, cfg.threshold, per_image=True)
             if cfg.coarse_forward and held is None:
                 fixed, held = segments, _segment_starts(segments)
             if segments is None:
-                segs_this[:] = grid.n_steps
+                segs_this[:] = grid.n_steps - first
             elif isinstance(segments, Segmentation):
-                segs_this[:] = len(segments)
+                segs_this[:] = _segments_from(segments, first)
             else:
-                segs_this[:] = torch.tensor([len(s) for s in segments])
+                segs_this[:] = torch.tensor([_segments_from(s, first) for s in segments])
             lam = torch.where(alive.to(lam.device).view(-1, *([1] * (lam.dim() - 1))), lam,
                               torch.zeros_like(lam))
             grads, _ = clock.measure("backward", lambda: backward_sweep(velocity, traj, lam, segments,
@@ -404,6 +411,15 @@ def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100
                 full_losses = clock.measure("loss", lambda: loss_fn(final)).double().cpu()
             best_images[redo.nonzero().flatten().to(z0.device)] = final[redo.to(z0.device)]
             best_loss[redo] = full_losses[redo]
+            # a coarse pass was chosen on its surrogate loss; the first and the final pass are full ODE passes,
+            # and where one of them is lower than the chosen controls' full loss, it is the result
+            for it, (controls_it, images_it) in ((0, full_passes[0]), (cfg.iterations, (u.detach(), traj.final))):
+                lower = redo & (history[it] < best_loss)
+                if lower.any():
+                    sel = lower.nonzero().flatten().to(z0.device)
+                    best_loss[lower], best_iter[lower] = history[it][lower], it
+                    best_u[:, sel] = controls_it[:, sel]
+                    best_images[sel] = images_it[sel]
 
     best_loss[torch.isinf(best_loss)] = math.nan
     if start_step:

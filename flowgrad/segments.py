@@ -118,8 +118,8 @@ def segment_steps(d: Sequence[float], threshold: float) -> Segmentation:
     return Segmentation(tuple(starts), tuple(lengths))
 
 
-def straightness_segments(traj: Trajectory, threshold: float, *,
-                          per_image: bool = False) -> Segmentation | tuple[Segmentation, ...]:
+def straightness_segments(traj: Trajectory, threshold: float, *, per_image: bool = False,
+                          among: Tensor | None = None) -> Segmentation | tuple[Segmentation, ...]:
     """Segment a trajectory where it bends.
 
     Args:
@@ -127,17 +127,26 @@ def straightness_segments(traj: Trajectory, threshold: float, *,
         threshold: accumulated straightness that closes a segment (paper: 5e-3). 0 gives exact
             (uniform) segments wherever the path bends at all; ``inf`` gives one segment.
         per_image: return one segmentation per image instead of one shared by the batch.
+        among: (B,) bool, the images the shared segmentation is computed from (default: all; e.g. leave
+            out an image whose trajectory is no longer finite). Not with ``per_image``.
 
     Returns:
         A :class:`Segmentation` shared by the batch, computed from the per-step *maximum* straightness
         over the images. Since the sum of maxima bounds each image's own sum, every shared segment
-        satisfies every image's threshold: each image's segments are at least as fine as its own
-        segmentation would be, so sharing never makes an image's gradient coarser. With
-        ``per_image=True``, a tuple of B segmentations, each exactly what a batch of one would get.
+        satisfies every image's threshold, and each image gets at least as many segments as alone
+        (the boundaries may fall elsewhere than in its own segmentation). With ``per_image=True``, a
+        tuple of B segmentations, each exactly what a batch of one would get.
     """
     if not isinstance(threshold, (int, float)) or math.isnan(threshold) or threshold < 0:
         raise ValueError(f"threshold must be a non-negative number, got {threshold!r}")
     d = straightness(traj).cpu()
     if per_image:
+        if among is not None:
+            raise ValueError("among= selects the images of a shared segmentation; not with per_image=True")
         return tuple(segment_steps(d[:, b].tolist(), threshold) for b in range(d.shape[1]))
+    if among is not None:
+        among = torch.as_tensor(among, dtype=torch.bool).cpu()
+        if tuple(among.shape) != (d.shape[1],) or not among.any():
+            raise ValueError(f"among must be a (B,) = ({d.shape[1]},) bool mask selecting at least one image")
+        d = d[:, among]
     return segment_steps(d.max(dim=1).values.tolist(), threshold)

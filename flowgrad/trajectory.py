@@ -88,6 +88,9 @@ def check_controls(controls: Tensor | None, grid: TimeGrid, z0: Tensor) -> None:
     if tuple(controls.shape) != expected:
         raise ValueError(f"controls must have shape (n_steps, B, C, H, W) = {expected}, "
                          f"got {tuple(controls.shape)}")
+    if controls.dtype != z0.dtype or controls.device != z0.device:
+        raise ValueError(f"controls must have z0's dtype and device ({z0.dtype}, {z0.device}), "
+                         f"got {controls.dtype} on {controls.device}")
 
 
 def _sq_norm(v: Tensor) -> Tensor:
@@ -101,7 +104,7 @@ def _hold_mask(hold: Sequence[int] | Tensor, n: int, b: int) -> Tensor:
         if tuple(hold.shape) != (n, b) or hold.dtype != torch.bool:
             raise ValueError(f"a hold mask must be a bool tensor of shape (n_steps, B) = ({n}, {b}), "
                              f"got {hold.dtype} {tuple(hold.shape)}")
-        mask = hold.cpu()
+        mask = hold.to("cpu", copy=True)  # callers keep their own mask
         if not mask[0].all():
             raise ValueError("hold must include step 0 for every image")
         return mask
@@ -135,7 +138,8 @@ def integrate(velocity: Velocity, z0: Tensor, grid: TimeGrid, controls: Tensor |
             ``integrate(velocity, z0, grid.sub(0, K))``, all states kept). Its states and statistics are
             copied and integration resumes at step K, so the result is the one a full integration gives
             when ``controls[:K]`` are zero, which is required (a time window that starts later: the steps
-            before it are the same in every pass and need computing once). Not with ``hold``.
+            before it are the same in every pass and need computing once). With ``hold``, the held
+            integration starts at step K with a fresh velocity for every image.
 
     Returns:
         The trajectory, always with per-image velocity norms for the straightness statistic (under
@@ -144,8 +148,10 @@ def integrate(velocity: Velocity, z0: Tensor, grid: TimeGrid, controls: Tensor |
     check_latents(z0)
     check_controls(controls, grid, z0)
     n, b = grid.n_steps, z0.shape[0]
-    start = 0 if prefix is None else _check_prefix(prefix, grid, z0, controls, hold, keep_states)
+    start = 0 if prefix is None else _check_prefix(prefix, grid, z0, controls, keep_states)
     mask = None if hold is None else _hold_mask(hold, n, b)
+    if mask is not None and start:
+        mask[start] = True  # the first step after the prefix evaluates the velocity of every image
     rows = (None if mask is None else  # images evaluated at each step of a held forward, on the device
             [None if mask[k].all() else mask[k].nonzero().flatten().to(z0.device) for k in range(n)])
     times = grid.time_tensor(z0.device, z0.dtype)
@@ -192,11 +198,9 @@ def integrate(velocity: Velocity, z0: Tensor, grid: TimeGrid, controls: Tensor |
 
 
 def _check_prefix(prefix: Trajectory, grid: TimeGrid, z0: Tensor, controls: Tensor | None,
-                  hold: object, keep_states: bool) -> int:
+                  keep_states: bool) -> int:
     """Validate a prefix trajectory for :func:`integrate`; returns its number of steps K."""
     k = prefix.n_steps
-    if hold is not None:
-        raise ValueError("a prefix cannot be combined with hold=")
     if prefix.last_velocity is None:
         raise ValueError("the prefix must come from integrate() (it needs its last velocity)")
     if not keep_states:

@@ -246,8 +246,18 @@ def test_integrate_resumes_from_an_uncontrolled_prefix_exactly():
         flowgrad.integrate(field, z0 + 1, grid, controls, prefix=prefix)
     with pytest.raises(ValueError, match="must cover the first K < 13 steps"):
         flowgrad.integrate(field, z0, flowgrad.TimeGrid.uniform(13), None, prefix=prefix)
-    with pytest.raises(ValueError, match="hold"):
-        flowgrad.integrate(field, z0, grid, controls, prefix=prefix, hold=[0, 6])
+    # a held (coarse) integration after the prefix starts afresh at step 4: the held run of the rest of the grid
+    mask = torch.zeros(12, 2, dtype=torch.bool)
+    mask[[0, 2, 6, 9], 0] = True
+    mask[[0, 7], 1] = True
+    held = flowgrad.integrate(field, z0, grid, controls, prefix=prefix, hold=mask)
+    assert mask[4].sum() == 0  # the caller's mask is left alone
+    rest_mask = mask[4:].clone()
+    rest_mask[0] = True
+    rest = flowgrad.integrate(field, full.states[4], grid.sub(4), controls[4:], hold=rest_mask)
+    assert torch.equal(held.states[:5], full.states[:5])
+    torch.testing.assert_close(held.states[4:], rest.states, rtol=0, atol=1e-14)
+    assert not torch.allclose(held.final, full.final)  # it did hold the velocity
     assert grid.sub(4).times == grid.times[4:] and grid.sub(2, 5).steps == grid.steps[2:5]
     with pytest.raises(ValueError, match="sub-grid"):
         grid.sub(5, 5)

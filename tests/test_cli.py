@@ -414,6 +414,34 @@ def test_errors_in_a_real_process_print_exactly_one_line(store, tmp_path):
     assert digest(store) == broken != before
 
 
+@pytest.mark.parametrize("argv, fragment", [
+    (["discover-directions", "--attr", "old", "--batch-size", "x"], "'--batch-size': 'x' is not a valid integer"),
+    (["apply-directions", "--bogus"], "No such option '--bogus'"),
+    (["plot-sweep", "--strengths"], "'--strengths' requires an argument"),
+    (["flowgrad", "nosuch"], "No such command 'nosuch'"),
+    (["flowgrad", "demo", "train", "--blur", "-1"], "'--blur': -1.0 is not in the range"),
+    (["flowgrad", "edit"], "Missing argument 'IMAGE'"),
+])
+def test_usage_errors_are_one_line(argv, fragment):
+    result = invoke(*argv)
+    assert_cli_error(result, fragment, "(see --help)")
+
+
+@pytest.mark.parametrize("option, value, fragment", [
+    ("--lr", "0", "lr must be a positive number, got 0.0"),
+    ("--threshold", "-1", "threshold must be None or >= 0, got -1.0"),
+    ("--threshold", "nan", "threshold must be None or >= 0, got nan"),
+])
+def test_explicit_bad_numbers_are_refused_not_replaced_by_defaults(option, value, fragment, tmp_path):
+    for command in (["flowgrad", "edit", tmp_path / "none.png", "--prompt", "a smile"], ["discover-directions",
+                                                                                         "--attr", "old"]):
+        result = invoke(*command, option, value, "--device", "cpu", "--out", tmp_path / "out")
+        assert_cli_error(result, fragment)
+    assert not (tmp_path / "out").exists()
+    result = invoke("flowgrad", "demo", "train", "--part", "judge", "--steps", "0", "--out", tmp_path / "w")
+    assert_cli_error(result, "steps must be a positive integer, got 0")
+
+
 # --- flowgrad edit and demo evaluate --------------------------------------------------------------
 
 EDIT_KEYS = {"prompt", "negative_prompt", "alpha", "model", "clip", "clip_score_original",
