@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 import time
 from collections import Counter
@@ -19,7 +20,12 @@ DEFAULT_STORE = Path("directions.h5")
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:48] or "direction"
+    """A direction name from a prompt; a long one is cut and given a short hash, so prompts that share
+    their first 48 characters still get different names."""
+    slug = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "direction"
+    if len(slug) <= 48:
+        return slug
+    return f"{slug[:40].rstrip('_')}_{hashlib.sha256(text.encode()).hexdigest()[:7]}"
 
 
 def skipped_note(statuses: Iterable[str]) -> str:
@@ -76,13 +82,15 @@ def skipped_note(statuses: Iterable[str]) -> str:
               show_default=True, help="HDF5 direction store.")
 @click.option("--keep-offsets", is_flag=True, help="Also store every image's raw controls (compressed).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted job with the same settings.")
+@click.option("--overwrite", is_flag=True, help="Replace a direction of the same name in the store (without it, "
+              "an existing name is refused before any work).")
 @click.option("-v", "--verbose", is_flag=True)
 @deterministic_option
 @friendly_errors
 def discover_directions(attr, prompt, negative, name, model, model_config, bf16, compile_model, clip, images, n_images,
                         batch_size, n_steps, iterations, lr, optimizer, threshold, alpha, replicas, t_window,
                         coarse_forward, cuda_graphs, preserve, preserve_weight, off_axis_weight, aggregator, seed,
-                        device, store_path, keep_offsets, resume, verbose) -> None:
+                        device, store_path, keep_offsets, resume, overwrite, verbose) -> None:
     """Discover a global semantic direction with FlowGrad and store it in an HDF5 file.
 
     Runs under torchrun too: `torchrun --nproc-per-node K discover-directions ...` shares the batches
@@ -91,6 +99,7 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
     setup_logging(verbose)
     from directions import distributed as dist
     from directions.discover import DiscoveryConfig, discover, image_files
+    from directions.store import DirectionStore
     from flowgrad import FlowGradConfig
     from flowgrad.clip_guidance import import_open_clip
     from flowgrad.demo.registry import get_attribute, load_registry, preserve_pairs
@@ -107,6 +116,9 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
         name = name or a.name
         recipe = dict(a.discovery)
     name = name or _slug(prompt)
+    if not overwrite and store_path.exists() and name in DirectionStore(store_path).names():
+        raise CliError(f"direction {name!r} already exists in {store_path}; pass --overwrite to replace it, "
+                       "or --name NAME to store the new one beside it")
     # an option given on the command line, else the attribute's registry recipe, else DiscoveryConfig's default
     builtin = DiscoveryConfig(name=name, prompt=prompt)
     if n_images is None:
@@ -154,7 +166,7 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
                                 loss=f"{p.loss:.4f}", refresh=False)
                 bar.refresh()
 
-            direction = discover(cfg, velocity, guidance, store_path, resume=resume, device=dev,
+            direction = discover(cfg, velocity, guidance, store_path, resume=resume, device=dev, overwrite=overwrite,
                                  load_image=load_image, progress=progress)
             bar.n = cfg.n_images
             bar.refresh()

@@ -13,6 +13,8 @@ uninterrupted process.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import math
 import time
@@ -34,12 +36,12 @@ from . import distributed as dist
 from .aggregate import Method, aggregate, split_half_cosine
 from .checkpoint import JobCheckpoint
 from .joint import optimize_joint
-from .store import Direction, DirectionStore
+from .store import Direction, DirectionStore, check_name
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DiscoveryConfig", "BatchProgress", "discover", "image_files", "image_seed", "sample_latents",
-           "partial_dir"]
+__all__ = ["DiscoveryConfig", "BatchProgress", "discover", "image_files", "image_seed", "job_images",
+           "sample_latents", "partial_dir"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class DiscoveryConfig:
             optimize from there (the steps before the window carry no control; a shorter round trip than
             to t = eps and back). Not for the "probe" and "joint" aggregators, which need the latents at
             t = eps; False inverts all the way for every aggregator.
+        images_digest: sha256 of the names and sizes of the ``n_images`` files a real-image job uses (filled
+            in by :func:`discover`; a resume, or a batch, that finds the folder changed is refused).
         keep_offsets: also store the raw per-image controls.
         precision: how the caller runs the model ("float32" or "bf16-autocast"); recorded for provenance.
     """
@@ -97,12 +101,16 @@ class DiscoveryConfig:
     aggregator: Method = "mean"
     invert_method: str = "euler"
     invert_to_window: bool = True
+    images_digest: str = ""
     keep_offsets: bool = False
     precision: str = "float32"
 
     def __post_init__(self) -> None:
         if not self.prompt.strip():
             raise ValueError("prompt must not be empty")
+        check_name(self.name)  # checked here, not only when the finished direction is written
+        if not self.flowgrad.t_window[0] < self.flowgrad.t_window[1]:
+            raise ValueError(f"a direction's time window needs t_start < t_end, got {list(self.flowgrad.t_window)}")
         for key in ("n_images", "batch_size", "replicas"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
@@ -182,6 +190,27 @@ def image_files(folder: str) -> list[Path]:
     return files
 
 
+def job_images(cfg: DiscoveryConfig) -> tuple[list[Path], str]:
+    """The files a real-image job uses (the first ``n_images`` of :func:`image_files`) and their digest.
+
+    Raises:
+        ValueError: too few images, or the folder no longer holds the files ``cfg.images_digest`` describes.
+    """
+    assert cfg.images is not None
+    files = image_files(cfg.images)
+    if cfg.n_images > len(files):
+        raise ValueError(f"--n-images {cfg.n_images} but only {len(files)} images in {cfg.images!r}")
+    files = files[:cfg.n_images]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}\t{f.stat().st_size}\n".encode())
+    digest = h.hexdigest()
+    if cfg.images_digest and digest != cfg.images_digest:
+        raise ValueError(f"the images in {cfg.images!r} changed during the job (files added, removed or "
+                         "rewritten); restore them or start a new job")
+    return files, digest
+
+
 def _batch_inputs(cfg: DiscoveryConfig, velocity, idx: Sequence[int], device: torch.device,
                   load_image: Callable[[Path, int], Tensor] | None, *, keep_pass: bool = False
                   ) -> tuple[Tensor, Tensor, list[str], Tensor, InitialPass | None]:
@@ -204,9 +233,7 @@ def _batch_inputs(cfg: DiscoveryConfig, velocity, idx: Sequence[int], device: to
         return z0, velocity.to_image(x1).clamp(0, 1), labels, torch.full((len(idx),), math.nan), start
     if load_image is None:
         raise ValueError("discovering from real images needs an image loader")
-    files = image_files(cfg.images)
-    if cfg.n_images > len(files):
-        raise ValueError(f"--n-images {cfg.n_images} but only {len(files)} images in {cfg.images!r}")
+    files, _ = job_images(cfg)
     images = torch.stack([load_image(files[i], velocity.sample_shape[-1]) for i in idx]).to(device)
     x1 = velocity.from_image(images)
     z0 = invert(velocity, x1, grid, method=cfg.invert_method)  # type: ignore[arg-type]
@@ -282,7 +309,7 @@ def _optimize_images(cfg: DiscoveryConfig, velocity, clip, b: int, idx: list[int
 
 def discover(cfg: DiscoveryConfig, velocity, clip, store_path: str | Path, *, resume: bool = False,
              device: str | torch.device = "cpu", load_image: Callable[[Path, int], Tensor] | None = None,
-             progress: Callable[[BatchProgress], None] | None = None) -> Direction | None:
+             progress: Callable[[BatchProgress], None] | None = None, overwrite: bool = True) -> Direction | None:
     """Run a discovery job and write its direction to the store at ``store_path``.
 
     Under ``torchrun`` (an initialized process group), batches are shared round-robin by rank,
@@ -297,6 +324,7 @@ def discover(cfg: DiscoveryConfig, velocity, clip, store_path: str | Path, *, re
         device: where to optimize.
         load_image: ``load_image(path, size) -> (3, size, size)`` for real-image folders.
         progress: called after every FlowGrad iteration.
+        overwrite: replace a direction of the same name in the store (False: refuse before any work).
 
     Returns:
         The stored :class:`~directions.store.Direction` (on rank 0).
@@ -304,12 +332,17 @@ def discover(cfg: DiscoveryConfig, velocity, clip, store_path: str | Path, *, re
     device = torch.device(device)
     rank, world = dist.rank_and_world()
     store = DirectionStore(store_path)
+    if cfg.images is not None:  # the files' names and sizes go into the settings a resume must match
+        cfg = dataclasses.replace(cfg, images_digest=job_images(dataclasses.replace(cfg, images_digest=""))[1])
     settings = cfg.settings() | {"model_fingerprint": velocity.fingerprint(),
                                  "flowgrad_version": flowgrad.__version__}
     lock = store.lock() if rank == 0 else dist.nullcontext()
     with lock:
         if rank == 0:
-            store.names() if store.exists() else None  # refuse a corrupt/unknown-version store up front
+            names = store.names() if store.exists() else []  # refuse a corrupt/unknown-version store up front
+            if not overwrite and cfg.name in names:
+                raise ValueError(f"direction {cfg.name!r} already exists in {store_path}; pass --overwrite to "
+                                 "replace it, or --name NAME to store the new one beside it")
             ckpt = JobCheckpoint.open(partial_dir(store_path, cfg.name), settings, resume=resume)
         dist.barrier()
         if rank != 0:
@@ -348,7 +381,7 @@ def discover(cfg: DiscoveryConfig, velocity, clip, store_path: str | Path, *, re
             direction = _aggregate(cfg, velocity, local, settings, time.perf_counter() - t0, device)
         if rank != 0:
             return None
-        store.write(direction)
+        store.write(direction, overwrite=overwrite)
         ckpt.remove()
         return direction
 

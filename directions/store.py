@@ -43,7 +43,7 @@ import numpy as np
 
 from .checkpoint import normalize_records, normalize_settings
 
-__all__ = ["Direction", "DirectionStore", "FORMAT", "FORMAT_VERSION", "StoreError",
+__all__ = ["Direction", "DirectionStore", "FORMAT", "FORMAT_VERSION", "StoreError", "check_name",
            "StoreLockedError"]
 
 FORMAT = "flowgrad-directions"
@@ -125,7 +125,7 @@ class Direction:
     offsets: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        _check_name(self.name)
+        check_name(self.name)
         vector = _float32(self.vector, "vector")
         if vector.ndim != 4:
             raise ValueError(f"vector must be 4-D (n_steps, C, H, W), got shape {vector.shape}")
@@ -194,7 +194,8 @@ class Direction:
         return (self.vector / np.float32(self.scale)).astype(np.float32)
 
 
-def _check_name(name: Any) -> None:
+def check_name(name: Any) -> None:
+    """Refuse a direction name the store cannot hold (empty, ``"."``, containing ``/`` or NUL)."""
     if not isinstance(name, str) or not name or "/" in name or name == "." or "\0" in name:
         raise ValueError(f"name must be a non-empty str without '/' (a direction name such as "
                          f"'smile'), got {name!r}")

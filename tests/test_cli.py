@@ -770,6 +770,26 @@ def test_compile_with_the_demo_flow_is_a_one_line_error(tmp_path):
     assert not (tmp_path / "d.h5").exists()
 
 
+def test_an_existing_direction_is_kept_unless_overwrite_is_given(store):
+    before = digest(store)
+    result = invoke("discover-directions", "--attr", "old", *TINY_DISCOVERY, "--out", store)
+    assert_cli_error(result, "direction 'old' already exists", "--overwrite")
+    assert digest(store) == before and not Path(f"{store}.partial-old").exists()
+    assert DirectionStore(store).read("old").settings["seed"] == 0
+    result = invoke("discover-directions", "--attr", "old", *TINY_DISCOVERY, "--seed", "1", "--overwrite",
+                    "--out", store)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert DirectionStore(store).names() == ["old"] and DirectionStore(store).read("old").settings["seed"] == 1
+
+
+def test_long_prompts_get_distinct_default_names():
+    from cli.discover import _slug
+
+    a, b = (_slug(f"a photo of a person with very long blond hair and {x}") for x in ("glasses", "a beard"))
+    assert a != b and len(a) <= 48 and a.startswith("a_photo_of_a_person_with_very_long_blond")
+    assert _slug("a photo of an old person") == "a_photo_of_an_old_person" and _slug("!!!") == "direction"
+
+
 def test_discover_deterministic_gives_the_same_direction_and_restores_the_mode(base_store, tmp_path):
     store = tmp_path / "det.h5"
     result = invoke("discover-directions", "--attr", "old", *TINY_DISCOVERY, "--deterministic", "--out", store)

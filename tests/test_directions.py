@@ -539,6 +539,58 @@ def test_discover_from_a_folder_of_real_images(demo_models, tmp_path):
         discover(tiny_config(images=str(tmp_path)), velocity, clip, tmp_path / "u.h5", load_image=load_image)
 
 
+def test_a_changed_image_folder_is_refused_on_resume_and_during_a_job(demo_models, tmp_path):
+    """The job's files (names and sizes) are part of its settings: a resume after the folder changed is
+    refused (it would mix images), and so is a batch that finds the folder changed during the run."""
+    from cli.images import load_image, to_pil
+    from flowgrad.demo.render import render
+
+    velocity, clip = demo_models
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    renders, _ = render(5, seed=12)
+    for i, image in enumerate(renders[:4]):
+        to_pil(image).save(folder / f"f{i}.png")
+    cfg = tiny_config(images=str(folder), n_images=4, keep_offsets=False)
+    store = tmp_path / "s.h5"
+
+    def stop_after_first_batch(p: BatchProgress) -> None:
+        if p.batch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        discover(cfg, velocity, clip, store, load_image=load_image, progress=stop_after_first_batch)
+    to_pil(renders[4]).save(folder / "a_new.png")  # sorts first: every later index would move
+    with pytest.raises(ValueError, match="settings differ .* images_digest"):
+        discover(cfg, velocity, clip, store, resume=True, load_image=load_image)
+    (folder / "a_new.png").unlink()
+    resumed = discover(cfg, velocity, clip, store, resume=True, load_image=load_image)
+    assert list(resumed.records["source"]) == [str(folder / f"f{i}.png") for i in range(4)]
+    assert len(resumed.settings["images_digest"]) == 64
+
+    def change_the_folder(p: BatchProgress) -> None:
+        if p.batch == 0 and not (folder / "a_new.png").exists():  # batch 1 then finds another folder
+            to_pil(renders[4]).save(folder / "a_new.png")
+
+    with pytest.raises(ValueError, match="changed during the job"):
+        discover(cfg, velocity, clip, tmp_path / "t.h5", load_image=load_image, progress=change_the_folder)
+
+
+def test_config_refuses_a_bad_name_or_window_and_discover_an_existing_name(discovered, demo_models):
+    with pytest.raises(ValueError, match="name must be a non-empty str"):
+        tiny_config(name=".")
+    with pytest.raises(ValueError, match="t_start < t_end"):
+        tiny_config(flowgrad=FlowGradConfig(n_steps=4, iterations=1, t_window=(0.001, 0.001)))
+    _, store, _ = discovered
+    before = (store.stat().st_mtime_ns, DirectionStore(store).names())
+    calls: list[BatchProgress] = []
+    with pytest.raises(ValueError, match="direction 'old' already exists"):
+        discover(tiny_config(), *demo_models, store, overwrite=False, progress=calls.append)
+    assert not calls  # refused before any work
+    assert (store.stat().st_mtime_ns, DirectionStore(store).names()) == before
+    assert not partial_dir(store, "old").exists()
+
+
 def test_real_images_are_inverted_only_down_to_the_window(demo_models, tmp_path):
     """With a late window, real images make the shorter round trip t = 1 -> window start -> t = 1."""
     from cli.images import load_image, to_pil
