@@ -67,7 +67,7 @@ def apply_directions(images, store_path, attrs, strength, project_out, samples, 
     velocity = load_model(model or specs[0].direction.model or "demo", model_config, device=dev)
     for d in [e.direction for e in specs] + removed:
         check_compatible(d, velocity, force=force)
-    steps = n_steps or specs[0].direction.n_steps
+    steps = specs[0].direction.n_steps if n_steps is None else n_steps
     control = compose_controls(specs, steps, removed).to(dev)
     eps = specs[0].direction.eps
     # Before its first active step (the direction's window start) the edit is the unedited trajectory:

@@ -147,7 +147,7 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
                           batch_size=batch_size, seed=seed, flowgrad=fg, alpha=alpha, replicas=replicas,
                           preserve=keep, preserve_weight=preserve_weight, off_axis_weight=off_axis_weight,
                           aggregator=aggregator, keep_offsets=keep_offsets)
-    with dist.process_group(pick_device(device).type) as dev:
+    with dist.process_group(pick_device(device)) as dev:
         rank, world = dist.rank_and_world()
         t0 = time.perf_counter()
         velocity = load_model(model, model_config, device=dev, **model_kwargs(bf16, compile_model))

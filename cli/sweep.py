@@ -54,7 +54,7 @@ def plot_sweep(images, store_path, attr, strengths, samples, seed, n_steps, mode
     spec = model or direction.model or "demo"
     velocity = load_model(spec, model_config, device=dev)
     check_compatible(direction, velocity, force=force)
-    steps = n_steps or direction.n_steps
+    steps = direction.n_steps if n_steps is None else n_steps
     start = sweep_start(direction, steps, removed)
     src = load_sources(velocity, images, samples, seed, steps, dev, start_step=start, eps=direction.eps,
                        reconstruct=False)

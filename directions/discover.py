@@ -120,6 +120,9 @@ class DiscoveryConfig:
             if not getattr(self, key) >= 0.0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         object.__setattr__(self, "preserve", tuple((str(p), str(n)) for p, n in self.preserve))
+        if self.aggregator == "probe" and self.flowgrad.first_window_step > 0:
+            raise ValueError(f"--aggregator probe puts its direction on the first step (t = eps), which the time "
+                             f"window {list(self.flowgrad.t_window)} leaves out; use --t-window 0 1")
         if self.aggregator == "joint" and self.flowgrad.optimizer != "sgd":
             raise ValueError("--aggregator joint uses SGD on the shared control; drop --optimizer adam")
         if self.aggregator == "joint" and self.flowgrad.coarse_forward:

@@ -27,11 +27,18 @@ def _active() -> bool:
     return tdist.is_available() and tdist.is_initialized()
 
 
-def init_from_env(device: str = "auto") -> torch.device:
-    """Join torchrun's process group if its environment is present; returns this rank's device."""
+def init_from_env(device: str | torch.device = "auto") -> torch.device:
+    """Join torchrun's process group if its environment is present; returns this rank's device.
+
+    ``device``: "auto", "cpu", "cuda" or "cuda:N" (a torch.device too). Under torchrun each rank takes
+    the GPU of its local rank; in one process "cuda:N" is that GPU (made the current one).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    requested = None if str(device) == "auto" else torch.device(device)
+    use_cuda = torch.cuda.is_available() and (requested is None or requested.type == "cuda")
+    if use_cuda and world == 1 and requested is not None and requested.index is not None:
+        torch.cuda.set_device(requested)
     if world > 1 and not _active():
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast on shared hosts
         if use_cuda:
@@ -79,7 +86,7 @@ def all_gather(obj: Any) -> list[Any]:
 
 
 @contextlib.contextmanager
-def process_group(device: str = "auto") -> Iterator[torch.device]:
+def process_group(device: str | torch.device = "auto") -> Iterator[torch.device]:
     """Join torchrun's group for the duration of a command and leave it cleanly."""
     dev = init_from_env(device)
     try:

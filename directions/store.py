@@ -9,7 +9,7 @@ File contract (format ``flowgrad-directions``, ``format_version`` 1; the README 
                                        time_window (t_start, t_end), eps, model, clip
     /directions/<name>/vector   float32 (n_steps, C, H, W): additive control per Euler step
     /directions/<name>/records  group, attr columns=[...]: one 1-D dataset per column (a table)
-    /directions/<name>/offsets  optional float32 (n_images, n_steps, C, H, W), gzip, 1 image/chunk
+    /directions/<name>/offsets  optional float32 (n_rows, n_steps, C, H, W), gzip, 1 image/chunk
 
 Every write rewrites the whole file under a temporary name in the same directory (unchanged
 directions are copied with ``h5py``'s ``copy``, which keeps their compression), fsyncs it and

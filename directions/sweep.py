@@ -24,7 +24,10 @@ def parse_strengths(spec: str) -> list[float]:
             if n < 1:
                 raise ValueError
             return [float(x) for x in np.linspace(float(start), float(stop), n)]
-        return [float(x) for x in spec.split(",") if x.strip()]
+        values = [float(x) for x in spec.split(",") if x.strip()]
+        if not values:
+            raise ValueError
+        return values
     except ValueError:
         raise ValueError(f"--strengths must look like -2:2:9 (start:stop:count) or 0,0.5,1; got {spec!r}") from None
 

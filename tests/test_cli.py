@@ -321,6 +321,16 @@ def test_apply_errors_are_one_line_and_lose_nothing(store, tmp_path, case):
     assert DirectionStore(store).read("old").vector.tobytes() == old.vector.tobytes()
 
 
+def test_zero_steps_and_an_empty_strength_list_are_refused(store, tmp_path):
+    for argv in (["apply-directions", "--directions", store, "--attr", "old", "--samples", "1", "--steps", "0"],
+                 ["plot-sweep", "--directions", store, "--attr", "old", "--samples", "1", "--steps", "0"]):
+        assert_cli_error(invoke(*argv, "--device", "cpu", "--out", tmp_path / "o"), "n_steps must be >= 1, got 0")
+    result = invoke("plot-sweep", "--directions", store, "--attr", "old", "--samples", "1", "--strengths", ",",
+                    "--device", "cpu", "--out", tmp_path / "o.png")
+    assert_cli_error(result, "--strengths must look like")
+    assert not list(tmp_path.glob("o*"))
+
+
 def test_a_direction_of_another_model_is_refused_unless_forced(store, tmp_path):
     old = DirectionStore(store).read("old")
     DirectionStore(store).write(Direction.from_vector("other", old.vector, old.prompt, model=old.model, clip=old.clip,

@@ -579,6 +579,8 @@ def test_a_changed_image_folder_is_refused_on_resume_and_during_a_job(demo_model
 def test_config_refuses_a_bad_name_or_window_and_discover_an_existing_name(discovered, demo_models):
     with pytest.raises(ValueError, match="name must be a non-empty str"):
         tiny_config(name=".")
+    with pytest.raises(ValueError, match=r"probe puts its direction on the first step .* use --t-window 0 1"):
+        tiny_config(aggregator="probe", flowgrad=FlowGradConfig(n_steps=4, iterations=1, t_window=(0.3, 1.0)))
     with pytest.raises(ValueError, match="t_start < t_end"):
         tiny_config(flowgrad=FlowGradConfig(n_steps=4, iterations=1, t_window=(0.001, 0.001)))
     _, store, _ = discovered
@@ -604,7 +606,8 @@ def test_real_images_are_inverted_only_down_to_the_window(demo_models, tmp_path)
     fg = FlowGradConfig(n_steps=8, iterations=1, lr=0.2, t_window=(0.5, 1.0))  # window from step 4
     cfg = tiny_config(images=str(folder), n_images=3, flowgrad=fg)
     assert cfg.start_step == 4 and replace(cfg, invert_to_window=False).start_step == 0
-    assert replace(cfg, aggregator="probe").start_step == 0 and replace(cfg, images=None).start_step == 0
+    assert replace(cfg, aggregator="joint", keep_offsets=False).start_step == 0
+    assert replace(cfg, images=None).start_step == 0
     short = discover(cfg, velocity, clip, tmp_path / "s.h5", load_image=load_image)
     full = discover(replace(cfg, invert_to_window=False), velocity, clip, tmp_path / "f.h5", load_image=load_image)
     x1 = velocity.from_image(torch.stack([load_image(folder / f"{i}.png", 64) for i in range(3)]))

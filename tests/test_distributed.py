@@ -51,3 +51,19 @@ def test_torchrun_two_processes_equals_one_process(tmp_path, aggregator):
     assert list(a.records["status"]) == list(b.records["status"])
     assert list(a.records["source"]) == list(b.records["source"])
     assert not Path(f"{two}.partial-smiling").exists()  # rank 0 cleaned up the checkpoint
+
+
+def test_one_process_uses_the_requested_gpu(monkeypatch):
+    """`--device cuda:N` in one process runs on GPU N (it ran on the current GPU, 0, before); CUDA is faked."""
+    import torch
+
+    from directions import distributed as dist
+
+    current = {"index": 0}
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.update(index=torch.device(d).index))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["index"])
+    assert dist.init_from_env(torch.device("cuda", 1)) == torch.device("cuda", 1) and current["index"] == 1
+    assert dist.init_from_env("cuda") == torch.device("cuda", 1)  # no index: the current GPU
+    assert dist.init_from_env("cpu") == torch.device("cpu")
