@@ -34,7 +34,7 @@ from .common import (Command, bf16_option, coarse_option, compile_option, consol
                    "step.")
 @coarse_option
 @graphs_option
-@click.option("--replicas", type=int, default=None, help="Augmented copies (default: 20, demo 4).")
+@click.option("--replicas", type=click.IntRange(min=1), default=None, help="Augmented copies (default: 20, demo 4).")
 @click.option("--invert-method", type=click.Choice(["euler", "heun", "fixed-point"]), default="euler",
               show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -431,6 +431,8 @@ def test_errors_in_a_real_process_print_exactly_one_line(store, tmp_path):
     (["flowgrad", "nosuch"], "No such command 'nosuch'"),
     (["flowgrad", "demo", "train", "--blur", "-1"], "'--blur': -1.0 is not in the range"),
     (["flowgrad", "edit"], "Missing argument 'IMAGE'"),
+    (["flowgrad", "edit", "face.png", "--prompt", "a smile", "--replicas", "0"],
+     "'--replicas': 0 is not in the range"),
 ])
 def test_usage_errors_are_one_line(argv, fragment):
     result = invoke(*argv)
