@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -12,14 +13,21 @@ from .common import CliError, Command, console, friendly_errors, pick_device, se
 
 
 def parse_edits(attrs: tuple[str, ...], strength: float) -> list[tuple[str, float]]:
-    """``--attr old`` (uses --strength) or ``--attr old=1.5``; any number of them."""
+    """``--attr old`` (uses --strength) or ``--attr old=1.5``; any number of them.
+
+    The strength is what follows the last ``=`` when it is a number; otherwise the whole argument is the
+    name (direction names may contain ``=``). Strengths must be finite.
+    """
     edits = []
     for a in attrs:
-        name, _, value = a.partition("=")
+        name, _, value = a.rpartition("=")
         try:
-            edits.append((name.strip(), float(value) if value else strength))
+            edits.append((name.strip(), float(value)) if name else (a.strip(), strength))
         except ValueError:
-            raise CliError(f"--attr {a!r}: the strength after '=' must be a number") from None
+            edits.append((a.strip(), strength))
+    for a, (name, s) in zip(attrs, edits):
+        if not math.isfinite(s):
+            raise CliError(f"--attr {a!r}: the strength must be a finite number, got {s}")
     if not edits:
         raise CliError("give at least one --attr NAME[=STRENGTH]")
     return edits

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -29,15 +29,16 @@ def load_image(path: Path, size: int, *, notices: list[str] | None = None) -> Te
     try:
         with Image.open(path) as im:
             im.load()
-            mode, img = im.mode, im.copy()
+            img = ImageOps.exif_transpose(im)  # as a viewer shows it (a phone photo's orientation tag)
+            mode = img.mode
     except (UnidentifiedImageError, OSError) as exc:
         raise ImageError(f"{path} is not a readable image ({type(exc).__name__})") from None
-    if mode in ("L", "LA", "1", "I", "I;16", "F"):
+    if mode != "P" and len(img.getbands()) <= 2:  # L, LA, 1, I, I;16*, F: one band of values (+ alpha)
         raise ImageError(f"{path} is a grayscale image (mode {mode}); flowgrad edits RGB images — "
                          "convert it first, e.g. Image.open(p).convert('RGB').save(q)")
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
-        raise ImageError(f"{path} has an alpha channel (mode {mode}); flatten it onto a background "
-                         "and save as RGB first")
+    if mode in ("RGBA", "PA") or "transparency" in img.info:
+        raise ImageError(f"{path} has an alpha channel or a transparent colour (mode {mode}); flatten it onto a "
+                         "background and save as RGB first")
     if mode != "RGB":
         img = img.convert("RGB")
     w, h = img.size

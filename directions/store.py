@@ -447,9 +447,15 @@ class DirectionStore:
         return f"DirectionStore({str(self.path)!r})"
 
     @property
+    def _target(self) -> Path:
+        """The file writes replace: the store path with symbolic links resolved (a store reached through a
+        link is updated where it lives, and every link to it shares one lock)."""
+        return Path(os.path.realpath(self.path))
+
+    @property
     def lock_path(self) -> Path:
-        """The sidecar lock file ``<file>.lock``."""
-        return self.path.with_name(self.path.name + ".lock")
+        """The sidecar lock file ``<file>.lock`` (next to the file a link points to)."""
+        return self._target.with_name(self._target.name + ".lock")
 
     def exists(self) -> bool:
         """Whether the store file exists (it is not opened or validated)."""
@@ -609,7 +615,7 @@ class DirectionStore:
     def _new_temp(self) -> Path:
         while True:
             token = secrets.token_hex(_TEMP_HEX // 2)
-            temp = self.path.with_name(f".{self.path.name}.writing-{token}.tmp")
+            temp = self._target.with_name(f".{self._target.name}.writing-{token}.tmp")
             try:
                 os.close(os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
                 return temp
@@ -618,19 +624,20 @@ class DirectionStore:
 
     def _remove_stale_temps(self) -> None:
         """Delete temp files of killed writers (safe: the caller holds the lock)."""
-        name = re.escape(self.path.name)
+        name = re.escape(self._target.name)
         pattern = re.compile(rf"^\.{name}\.writing-[0-9a-f]{{{_TEMP_HEX}}}\.tmp$")
-        for entry in os.scandir(self.path.parent):
+        for entry in os.scandir(self._target.parent):
             if pattern.match(entry.name):
                 Path(entry.path).unlink(missing_ok=True)
 
     def _rewrite(self, *, drop: str | None, add: Direction | None) -> None:
         """Write the store minus ``drop`` plus ``add`` to a temp file, rename it over the store."""
-        if not self.path.parent.is_dir():
-            raise StoreError(f"cannot write {self.path}: directory {self.path.parent} does not "
+        target = self._target
+        if not target.parent.is_dir():
+            raise StoreError(f"cannot write {self.path}: directory {target.parent} does not "
                              "exist; create it first")
         self._remove_stale_temps()
-        old = self.path.exists()
+        old = target.exists()
         temp = self._new_temp()
         try:
             with h5py.File(temp, "w") as out:
@@ -643,12 +650,12 @@ class DirectionStore:
                     _write_direction(directions, add)
             _fsync(temp)
             if old:
-                os.chmod(temp, self.path.stat().st_mode & 0o7777)
-            os.replace(temp, self.path)
+                os.chmod(temp, target.stat().st_mode & 0o7777)
+            os.replace(temp, target)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        _fsync(self.path.parent)
+        _fsync(target.parent)
 
     def _copy_directions(self, target: h5py.Group, skip: str | None) -> None:
         with self._open() as directions:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,9 +24,11 @@ def parse_strengths(spec: str) -> list[float]:
             n = int(count)
             if n < 1:
                 raise ValueError
+            if not (math.isfinite(float(start)) and math.isfinite(float(stop))):
+                raise ValueError
             return [float(x) for x in np.linspace(float(start), float(stop), n)]
         values = [float(x) for x in spec.split(",") if x.strip()]
-        if not values:
+        if not values or not all(math.isfinite(v) for v in values):
             raise ValueError
         return values
     except ValueError:

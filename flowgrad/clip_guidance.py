@@ -359,6 +359,9 @@ def _resolve(spec: str, cache_dir: str | Path | None, allow_download: bool) -> _
             f"{HF_CONFIG_NAME}, or hf-hub:ORG/REPO; e.g. ViT-B-32-quickgelu:/models/clip.bin "
             f"(random weights for tests: random_clip('{spec}'))")
     left, right = spec.split(":", 1)
+    if not left.endswith(".json") and ".json:" in spec:  # CONFIG_JSON:FILE whose config path has a colon
+        left, _, right = spec.partition(".json:")
+        left += ".json"
     weights = Path(right).expanduser()
     if weights.is_file():
         name = _register_config(left) if left.endswith(".json") else _model_name(left)

@@ -290,18 +290,48 @@ def _images(folder: Path) -> dict[str, Path]:
     paths["missing"] = folder / "missing.png"
     paths["rgb"] = folder / "face.png"
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), "RGB").save(paths["rgb"])
+    paths["gray16"] = folder / "gray16.tif"  # big-endian 16-bit grayscale: once converted silently (saturated)
+    Image.new("I;16B", (64, 64)).save(paths["gray16"])
+    paths["keyed"] = folder / "keyed.png"  # RGB with a transparent colour (tRNS)
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(paths["keyed"], transparency=(10, 20, 30))
     return paths
 
 
 APPLY_ERRORS = {
     "grayscale": (["{gray}"], ["grayscale", "gray.png"]),
     "rgba": (["{rgba}"], ["alpha channel", "rgba.png"]),
+    "grayscale-16-bit": (["{gray16}"], ["grayscale", "I;16B"]),
+    "transparent-colour": (["{keyed}"], ["transparent colour", "keyed.png"]),
+    "nan-strength": (["--samples", "1", "--attr", "old=nan"], ["strength must be a finite number"]),
     "not-an-image": (["{text}"], ["notes.png is not a readable image"]),
     "missing-image": (["{missing}"], ["no such image file", "missing.png"]),
     "samples-and-images": (["{rgb}", "--samples", "2"], ["not both"]),
     "unknown-direction": (["--samples", "1", "--attr", "nosuch"], ["no direction 'nosuch'", "old"]),
     "wrong-shape": (["--samples", "1", "--attr", "small"], ["'small'", "(3, 32, 32)", "(3, 64, 64)"]),
 }
+
+
+def test_strengths_follow_the_last_equals_sign_and_names_may_contain_one():
+    from cli.apply import parse_edits
+
+    assert parse_edits(("old", "age=old", "age=old=1.5", "young=-2"), 0.5) == [
+        ("old", 0.5), ("age=old", 0.5), ("age=old", 1.5), ("young", -2.0)]
+
+
+def test_an_image_is_read_upright_by_its_exif_orientation(tmp_path):
+    from cli.images import load_image
+
+    wide = np.zeros((64, 96, 3), dtype=np.uint8)
+    wide[:, :48] = 255  # left half white as stored; a 90-degree turn puts it on top or at the bottom
+    im = Image.fromarray(wide)
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": shown 64 wide, 96 tall
+    im.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    notices: list[str] = []
+    x = load_image(tmp_path / "phone.jpg", 64, notices=notices)
+    assert notices == ["phone.jpg: 64x96 center-cropped and resized to 64x64"]
+    rows = x.mean(dim=(0, 2))
+    assert abs(float(rows[:16].mean() - rows[-16:].mean())) > 0.5  # the halves are now top and bottom
 
 
 @pytest.mark.parametrize("case", list(APPLY_ERRORS))
@@ -573,8 +603,8 @@ def test_edit_writes_the_three_images_and_metrics(rendered, tmp_path):
 def test_edit_with_a_time_window_inverts_only_down_to_it(rendered, tmp_path):
     out = tmp_path / "edit"
     result = invoke("flowgrad", "edit", rendered["square"], "--prompt", "a photo of a smiling person", "--steps", "4",
-                    "--iterations", "1", "--replicas", "1", "--t-window", "0.5", "1", "--device", "cpu", "--deterministic",
-                    "--out", out)
+                    "--iterations", "1", "--replicas", "1", "--t-window", "0.5", "1", "--device", "cpu",
+                    "--deterministic", "--out", out)
     assert result.exit_code == 0, (result.stderr, result.exception)
     assert not torch.are_deterministic_algorithms_enabled()  # only for the command's duration
     metrics = json.loads((out / "metrics.json").read_text())

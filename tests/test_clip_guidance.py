@@ -7,6 +7,7 @@ round-tripped through files in tmp_path.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -420,7 +421,10 @@ def assert_same_model(loaded: ClipModel, original: ClipModel) -> None:
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_config_json_round_trip_is_bit_exact(clip, config_path, tmp_path, suffix):
-    weights = tmp_path / f"weights{suffix}"
+    folder = tmp_path / "a:b"  # a colon in the paths (CONFIG_JSON:FILE is split at the config's ".json:")
+    folder.mkdir()
+    config_path = Path(shutil.copy(config_path, folder / config_path.name))
+    weights = folder / f"weights{suffix}"
     if suffix == ".pt":
         torch.save(clip.model.state_dict(), weights)
     else:

@@ -248,6 +248,20 @@ def test_file_mode_kept_and_no_temp_left(tmp_path):
 
 # --- read errors ---------------------------------------------------------------------------------
 
+def test_a_store_reached_through_a_symlink_is_updated_where_it_lives(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "links").mkdir()
+    real = tmp_path / "real" / "store.h5"
+    DirectionStore(real).write(make_direction("smile"))
+    link = tmp_path / "links" / "link.h5"
+    link.symlink_to(real)
+    via_link = DirectionStore(link)
+    via_link.write(make_direction("age", seed=1))
+    assert link.is_symlink() and DirectionStore(real).names() == ["age", "smile"]
+    assert via_link.lock_path == DirectionStore(real).lock_path  # one lock for every path to the file
+    assert not list((tmp_path / "links").glob(".*tmp")) and not list((tmp_path / "real").glob(".*tmp"))
+
+
 def _one_line(exc: pytest.ExceptionInfo) -> str:
     message = str(exc.value)
     assert "\n" not in message and message
