@@ -23,32 +23,34 @@ class CliError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True, file=file)
 
 
-class Command(click.Command):
-    """A command whose usage errors (a bad option value, an unknown option) are one line, as every other error."""
+def _one_line(exc: click.UsageError) -> CliError:
+    return CliError(f"{exc.format_message()} (see --help)")
+
+
+class _OneLineUsage:
+    """Click's usage errors (a bad option value, an unknown option) as one line, as every other error."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
-            return super().parse_args(ctx, args)
+            return super().parse_args(ctx, args)  # type: ignore[misc]
         except click.UsageError as exc:
-            raise CliError(f"{exc.format_message()} (see --help)") from None
+            raise _one_line(exc) from None
 
 
-class Group(click.Group):
-    """A command group with :class:`Command`'s one-line usage errors, also for an unknown subcommand."""
+class Command(_OneLineUsage, click.Command):
+    """A command with one-line usage errors."""
+
+
+class Group(_OneLineUsage, click.Group):
+    """A command group with one-line usage errors, also for an unknown subcommand."""
 
     command_class = Command
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except click.UsageError as exc:
-            raise CliError(f"{exc.format_message()} (see --help)") from None
 
     def resolve_command(self, ctx: click.Context, args: list[str]):
         try:
             return super().resolve_command(ctx, args)
         except click.UsageError as exc:
-            raise CliError(f"{exc.format_message()} (see --help)") from None
+            raise _one_line(exc) from None
 
 
 Group.group_class = Group
