@@ -98,8 +98,7 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
     """
     setup_logging(verbose)
     from directions import distributed as dist
-    from directions.discover import DiscoveryConfig, discover, image_files
-    from directions.store import DirectionStore
+    from directions.discover import DiscoveryConfig, check_name_free, discover, image_files
     from flowgrad import FlowGradConfig
     from flowgrad.clip_guidance import import_open_clip
     from flowgrad.demo.registry import get_attribute, load_registry, preserve_pairs
@@ -116,9 +115,8 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
         name = name or a.name
         recipe = dict(a.discovery)
     name = name or _slug(prompt)
-    if not overwrite and store_path.exists() and name in DirectionStore(store_path).names():
-        raise CliError(f"direction {name!r} already exists in {store_path}; pass --overwrite to replace it, "
-                       "or --name NAME to store the new one beside it")
+    if not overwrite:  # before any model is loaded (discover checks again under the store's lock)
+        check_name_free(store_path, name)
     # an option given on the command line, else the attribute's registry recipe, else DiscoveryConfig's default
     builtin = DiscoveryConfig(name=name, prompt=prompt)
     if n_images is None:

@@ -13,14 +13,13 @@ uninterrupted process.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +39,8 @@ from .store import Direction, DirectionStore, check_name
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DiscoveryConfig", "BatchProgress", "discover", "image_files", "image_seed", "job_images",
-           "sample_latents", "partial_dir"]
+__all__ = ["DiscoveryConfig", "BatchProgress", "check_name_free", "discover", "image_files", "image_seed",
+           "job_images", "sample_latents", "partial_dir"]
 
 
 @dataclass(frozen=True)
@@ -193,6 +192,16 @@ def image_files(folder: str) -> list[Path]:
     return files
 
 
+def check_name_free(store_path: str | Path, name: str, names: Sequence[str] | None = None) -> None:
+    """Refuse a job whose direction name the store already holds (``names``: the store's, when known)."""
+    if names is None:
+        store = DirectionStore(store_path)
+        names = store.names() if store.exists() else []
+    if name in names:
+        raise ValueError(f"direction {name!r} already exists in {store_path}; pass --overwrite to replace it, "
+                         "or --name NAME to store the new one beside it")
+
+
 def job_images(cfg: DiscoveryConfig) -> tuple[list[Path], str]:
     """The files a real-image job uses (the first ``n_images`` of :func:`image_files`) and their digest.
 
@@ -336,16 +345,15 @@ def discover(cfg: DiscoveryConfig, velocity, clip, store_path: str | Path, *, re
     rank, world = dist.rank_and_world()
     store = DirectionStore(store_path)
     if cfg.images is not None:  # the files' names and sizes go into the settings a resume must match
-        cfg = dataclasses.replace(cfg, images_digest=job_images(dataclasses.replace(cfg, images_digest=""))[1])
+        cfg = replace(cfg, images_digest=job_images(cfg)[1])
     settings = cfg.settings() | {"model_fingerprint": velocity.fingerprint(),
                                  "flowgrad_version": flowgrad.__version__}
     lock = store.lock() if rank == 0 else dist.nullcontext()
     with lock:
         if rank == 0:
             names = store.names() if store.exists() else []  # refuse a corrupt/unknown-version store up front
-            if not overwrite and cfg.name in names:
-                raise ValueError(f"direction {cfg.name!r} already exists in {store_path}; pass --overwrite to "
-                                 "replace it, or --name NAME to store the new one beside it")
+            if not overwrite:
+                check_name_free(store_path, cfg.name, names)
             ckpt = JobCheckpoint.open(partial_dir(store_path, cfg.name), settings, resume=resume)
         dist.barrier()
         if rank != 0:

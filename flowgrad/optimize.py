@@ -359,7 +359,7 @@ def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100
         if it == 0:  # images that never get a finite loss keep their uncontrolled result
             best_images = traj.final.clone()
             if cfg.coarse_forward:  # the first full pass, to compare with after the coarse passes
-                full_passes = {0: (u.detach().clone(), traj.final.clone())}
+                first_pass = (u.detach().clone(), traj.final.clone())
         lam_ok = torch.isfinite(lam).flatten(1).all(1).cpu()
         freeze(~torch.isfinite(losses64) | ~lam_ok, it)
         better = alive & (losses64 < best_loss)
@@ -413,7 +413,7 @@ def optimize(velocity: Velocity, z0: Tensor, loss_fn: LossFn, n_steps: int = 100
             best_loss[redo] = full_losses[redo]
             # a coarse pass was chosen on its surrogate loss; the first and the final pass are full ODE passes,
             # and where one of them is lower than the chosen controls' full loss, it is the result
-            for it, (controls_it, images_it) in ((0, full_passes[0]), (cfg.iterations, (u.detach(), traj.final))):
+            for it, (controls_it, images_it) in ((0, first_pass), (cfg.iterations, (u.detach(), traj.final))):
                 lower = redo & (history[it] < best_loss)
                 if lower.any():
                     sel = lower.nonzero().flatten().to(z0.device)

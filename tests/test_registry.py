@@ -139,8 +139,9 @@ def test_discovery_recipes_are_read_and_checked(tmp_path):
                         ('discovery = { lr = true }', "'lr' must be a number > 0"),
                         ('discovery = { iterations = 0 }', "'iterations' must be an integer > 0"),
                         ('discovery = { t_window = [0.8] }', r"'t_window' must be a pair \[t_start, t_end\]"),
-                        ('discovery = { t_window = [0.8, 0.5] }', "0 <= t_start <= t_end <= 1, got"),
-                        ('discovery = { t_window = [0.5, 1.5] }', "0 <= t_start <= t_end <= 1, got"),
+                        ('discovery = { t_window = [0.8, 0.5] }', "0 <= t_start < t_end <= 1, got"),
+                        ('discovery = { t_window = [0.5, 0.5] }', "0 <= t_start < t_end <= 1, got"),
+                        ('discovery = { t_window = [0.5, 1.5] }', "0 <= t_start < t_end <= 1, got"),
                         ('discovery = { t_window = ["a", 1] }', "'t_window' must be a pair"),
                         ('discovery = { t_window = 0.5 }', "'t_window' must be a pair"),
                         ('discovery = 3', "'discovery' must be a table")]:

@@ -42,7 +42,7 @@ RECIPE_KEYS: Mapping[str, type] = MappingProxyType({
     "n_images": int, "iterations": int, "lr": float, "t_window": tuple, "preserve_weight": float,
     "off_axis_weight": float})
 """Settings an attribute's ``discovery`` table may set, with their types (numbers > 0, weights >= 0;
-``t_window`` a pair [t_start, t_end] with 0 <= t_start <= t_end <= 1)."""
+``t_window`` a pair [t_start, t_end] with 0 <= t_start < t_end <= 1, as a stored direction's window)."""
 
 
 @dataclass(frozen=True)
@@ -96,9 +96,9 @@ def _recipe(name: str, entry: object, where: Path) -> Mapping[str, int | float |
 def _window(name: str, key: str, value: object, where: Path) -> tuple[float, float]:
     pair = value if isinstance(value, list) and len(value) == 2 else None
     if pair is None or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in pair) \
-            or not 0 <= pair[0] <= pair[1] <= 1:
+            or not 0 <= pair[0] < pair[1] <= 1:
         raise ValueError(f"{where}: attribute {name!r}: discovery setting {key!r} must be a pair [t_start, t_end] "
-                         f"with 0 <= t_start <= t_end <= 1, got {value!r}")
+                         f"with 0 <= t_start < t_end <= 1, got {value!r}")
     return float(pair[0]), float(pair[1])
 
 
