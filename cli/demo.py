@@ -55,7 +55,7 @@ def _card(world: int = 1) -> str:
 @click.option("--blur", type=click.FloatRange(min=0.0), default=JUDGE_BLUR, show_default=True,
               help="Judge: blur a random half of each batch with a Gaussian of sigma ~ U(0, BLUR) px.")
 @click.option("--init", "init_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-              help="Continue training the flow from these weights (a flow.pt).")
+              help="Continue training from these weights (the part's file: a flow.pt or a tiny_clip.pt).")
 @friendly_errors
 def train(part: str, out_dir: Path, steps: int | None, max_seconds: float | None, batch_size: int | None,
           lr: float | None, seed: int, device: str, workers: int, pool: int, t_sampling: str, blur: float,
@@ -72,9 +72,11 @@ def train(part: str, out_dir: Path, steps: int | None, max_seconds: float | None
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and part != "flow":
         raise CliError("only --part flow trains data-parallel")
+    if init_path is not None and part not in ("flow", "clip"):
+        raise CliError("--init continues one part: use it with --part flow or --part clip")
     dev = pick_device(device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    init_sha = sha256_file(init_path) if init_path is not None else None  # before flow.pt may be overwritten
+    init_sha = sha256_file(init_path) if init_path is not None else None  # before the file may be overwritten
     group = dist.process_group(dev.type) if launched > 1 else contextlib.nullcontext(dev)
     with group as dev:
         rank, world = dist.rank_and_world()
@@ -105,14 +107,21 @@ def _train_part(name: str, cfg: TrainConfig, dev: torch.device, out_dir: Path, w
     if name == "flow":
         init = None
         if init_path is not None:
-            init = torch.load(init_path, map_location="cpu", weights_only=True)["state_dict"]
+            payload = torch.load(init_path, map_location="cpu", weights_only=True)
+            if not (isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict)):
+                raise CliError(f"--init {init_path} is not a demo flow payload (a flow.pt)")
+            init = payload["state_dict"]
         res = tr.train_flow(cfg, device=dev, pool=pool, init=init, callback=callback)
         return res, res.model.config.to_dict()
     if name == "clip":
         config_json = Path(__file__).resolve().parents[1] / "data" / "demo" / CLIP_CONFIG
         if (out_dir / CLIP_CONFIG).is_file():
             config_json = out_dir / CLIP_CONFIG
-        return tr.train_clip(cfg, str(config_json), device=dev, workers=workers, callback=callback), None
+        init = torch.load(init_path, map_location="cpu", weights_only=True) if init_path is not None else None
+        if init is not None and not (isinstance(init, dict) and "visual.conv1.weight" in init):
+            raise CliError(f"--init {init_path} is not a tiny CLIP state dict (a tiny_clip.pt)")
+        return tr.train_clip(cfg, str(config_json), device=dev, workers=workers, callback=callback,
+                             init=init), None
     res = tr.train_judge(cfg, device=dev, blur=blur, callback=callback)
     return res, res.model.config.to_dict()
 
@@ -125,7 +134,7 @@ def _write_part(name: str, res: TrainResult, config: dict | None, cfg: TrainConf
     """
     from flowgrad.demo.world import WEIGHT_FILES, save_payload
 
-    init_path, init_sha = init if name == "flow" else (None, None)
+    init_path, init_sha = init if name in ("flow", "clip") else (None, None)
     entry = save_payload(res.model, config, out_dir / WEIGHT_FILES[name])
     launcher = ["torchrun", "--nproc-per-node", str(world), "--no-python"] if world > 1 else []
     command = [*launcher, "flowgrad", "demo", "train", "--part", name, "--steps", str(res.steps),
@@ -137,7 +146,7 @@ def _write_part(name: str, res: TrainResult, config: dict | None, cfg: TrainConf
     if name == "judge":
         command += ["--blur", str(blur)]
     if init_sha is not None:
-        command += ["--init", f"<flow.pt sha256 {init_sha}>"]
+        command += ["--init", f"<{WEIGHT_FILES[name]} sha256 {init_sha}>"]
     entry.update(part=name, steps=res.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
                  wall_time_s=round(res.seconds, 1), card=_card(world), torch=torch.__version__,
                  command=shlex.join(command), invoked_as=shlex.join(sys.argv), world_size=world,

@@ -180,6 +180,36 @@ def test_cli_single_process_record_is_unchanged(tmp_path, part, expected):
     assert record["world_size"] == 1 and record["global_batch_size"] == 2 and "x " not in record["card"][:4]
 
 
+def test_cli_clip_continues_from_init_with_its_provenance(tmp_path):
+    """--init for the CLIP: training starts from the given weights, and the record names them."""
+    init = ROOT / "data" / "demo" / "tiny_clip.pt"
+    common = ["--part", "clip", "--steps", "1", "--batch-size", "2", "--lr", "1e-9", "--device", "cpu"]
+    result = invoke("flowgrad", "demo", "train", *common, "--init", init, "--out", tmp_path / "a")
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    fresh = invoke("flowgrad", "demo", "train", *common, "--out", tmp_path / "b")
+    assert fresh.exit_code == 0, (fresh.stderr, fresh.exception)
+    start, cont, scratch = (torch.load(f, weights_only=True)
+                            for f in (init, tmp_path / "a" / "tiny_clip.pt", tmp_path / "b" / "tiny_clip.pt"))
+    key = "visual.conv1.weight"
+    assert torch.allclose(cont[key].float(), start[key].float(), atol=1e-3)  # one step at lr 1e-9: unchanged
+    assert not torch.allclose(scratch[key].float(), start[key].float(), atol=1e-3)
+    record = json.loads((tmp_path / "a" / "train_clip.json").read_text())
+    assert record["command"].endswith(f"--init '<tiny_clip.pt sha256 {digest(init)}>'")
+    assert record["previous_stage"]["sha256"] == digest(init)
+
+
+@pytest.mark.parametrize("part, init, message", [
+    ("judge", "tiny_clip.pt", "--init continues one part: use it with --part flow or --part clip"),
+    ("clip", "flow.pt", "is not a tiny CLIP state dict"),
+    ("flow", "tiny_clip.pt", "is not a demo flow payload"),
+])
+def test_cli_init_of_the_wrong_kind_is_refused(tmp_path, part, init, message):
+    result = invoke("flowgrad", "demo", "train", "--part", part, "--steps", "1", "--batch-size", "2", "--device", "cpu",
+                    "--init", ROOT / "data" / "demo" / init, "--out", tmp_path / "w")
+    assert_cli_error(result, message)
+    assert not (tmp_path / "w" / f"train_{part}.json").exists()
+
+
 def test_train_clip_and_judge_take_real_steps():
     """The other two trainers run end to end for a few steps (finite loss, weights move, reproducible)."""
     from flowgrad.demo.train import train_clip, train_judge

@@ -268,19 +268,24 @@ class _CaptionStream(torch.utils.data.IterableDataset):
 
 
 def train_clip(cfg: TrainConfig, clip_config_json: str, device: str | torch.device = "cpu",
-               augment_prob: float = 0.5, workers: int = 0, callback: Callback | None = None) -> TrainResult:
+               augment_prob: float = 0.5, workers: int = 0, callback: Callback | None = None,
+               init: dict[str, Tensor] | None = None) -> TrainResult:
     """Contrastive training of an open_clip model from a config file on render/caption pairs.
 
     Captions that are identical within a batch count as positives for each other. Half the images
     are augmented with the guidance loss's own differentiable augmentations, so the model's
-    similarity stays meaningful on augmented copies.
+    similarity stays meaningful on augmented copies. ``init`` (a state dict of the same config)
+    continues from existing weights.
     """
     from ..clip_guidance import random_clip
 
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     clip = random_clip(clip_config_json, seed=cfg.seed, device=device)
-    model = clip.model.train().requires_grad_(True)
+    model = clip.model
+    if init is not None:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in init.items()})
+    model = model.train().requires_grad_(True)
     gen = torch.Generator().manual_seed(cfg.seed)
     stream = iter(torch.utils.data.DataLoader(_CaptionStream(cfg, clip.tokenizer), batch_size=None,
                                               num_workers=workers, prefetch_factor=4 if workers else None))
