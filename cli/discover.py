@@ -18,6 +18,9 @@ from .common import (CliError, Command, bf16_option, coarse_option, compile_opti
 
 DEFAULT_STORE = Path("directions.h5")
 
+AGGREGATOR_NAMES = ("mean", "pc1", "pca", "probe", "robust", "joint")
+"""--aggregator's choices (the registry's ``AGGREGATORS``; kept literal so that --help imports no torch)."""
+
 
 def _slug(text: str) -> str:
     """A direction name from a prompt; a long one is cut and given a short hash, so prompts that share
@@ -50,7 +53,8 @@ def skipped_note(statuses: Iterable[str]) -> str:
 @click.option("--n-images", type=int, default=None, help="Images to optimize [default: 32, or the attribute's "
               "registry recipe; with --images at most the folder's count].")
 @click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--steps", "n_steps", type=int, default=20, show_default=True, help="Euler steps N.")
+@click.option("--steps", "n_steps", type=int, default=None, help="Euler steps N [default: 20, or the attribute's "
+              "registry recipe].")
 @click.option("--iterations", type=int, default=None, help="FlowGrad iterations per image [default: 6, or the "
               "attribute's registry recipe].")
 @click.option("--lr", type=float, default=None, help="Step size [default: 10, or the attribute's recipe].")
@@ -72,10 +76,9 @@ def skipped_note(statuses: Iterable[str]) -> str:
 @click.option("--off-axis-weight", type=float, default=None,
               help="Weight of the term charging what CLIP sees change besides the prompt's direction "
                    "[default: 0 = off, or the attribute's recipe].")
-@click.option("--aggregator", type=click.Choice(["mean", "pc1", "pca", "probe", "robust", "joint"]),
-              default="mean", show_default=True,
+@click.option("--aggregator", type=click.Choice(AGGREGATOR_NAMES), default=None,
               help="How the direction is formed: an aggregate of per-image controls, or 'joint': one "
-                   "control optimized on all images at once.")
+                   "control optimized on all images at once [default: mean, or the attribute's recipe].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", "store_path", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_STORE,
@@ -124,6 +127,8 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
         if images:  # a folder of real images: up to that many of them
             n_images = min(n_images, len(image_files(images)))
     lr = recipe.get("lr", builtin.flowgrad.lr) if lr is None else lr
+    n_steps = recipe.get("steps", builtin.flowgrad.n_steps) if n_steps is None else n_steps
+    aggregator = recipe.get("aggregator", builtin.aggregator) if aggregator is None else aggregator
     iterations = recipe.get("iterations", builtin.flowgrad.iterations) if iterations is None else iterations
     t_window = recipe.get("t_window", builtin.flowgrad.t_window) if t_window is None else t_window
     if preserve_weight is None:

@@ -751,28 +751,33 @@ def test_discover_uses_the_attribute_recipe_unless_options_are_given(tmp_path, m
     (data / "demo").symlink_to(ROOT / "data" / "demo")
     (data / "attributes.toml").write_text(
         '[old]\nprompt = "a photo of an old person"\nnegative_prompt = "a photo of a young person"\n'
-        'discovery = { n_images = 3, lr = 4, off_axis_weight = 0.25, iterations = 2, t_window = [0.5, 1] }\n')
+        'discovery = { n_images = 3, lr = 4, off_axis_weight = 0.25, iterations = 2, t_window = [0.5, 1], steps = 6,'
+        ' aggregator = "robust" }\n')
     monkeypatch.setenv("FLOWGRAD_DATA", str(data))
     no_n = [a for i, a in enumerate(TINY_DISCOVERY)
-            if not {"--n-images", "--iterations"} & set(TINY_DISCOVERY[max(i - 1, 0):i + 1])]
-    assert len(no_n) == len(TINY_DISCOVERY) - 4
+            if not {"--n-images", "--iterations", "--steps"} & set(TINY_DISCOVERY[max(i - 1, 0):i + 1])]
+    assert len(no_n) == len(TINY_DISCOVERY) - 6
     store = tmp_path / "d.h5"
     result = invoke("discover-directions", "--attr", "old", *no_n, "--out", store)
     assert result.exit_code == 0, (result.stderr, result.exception)
-    s = DirectionStore(store).read("old").settings
+    d = DirectionStore(store).read("old")
+    s = d.settings
     assert (s["n_images"], s["flowgrad"]["lr"], s["off_axis_weight"]) == (3, 4.0, 0.25)
     assert (s["flowgrad"]["iterations"], s["flowgrad"]["t_window"]) == (2, [0.5, 1.0])
+    assert (s["flowgrad"]["n_steps"], d.n_steps, s["aggregator"], d.method) == (6, 6, "robust", "robust")
     result = invoke("discover-directions", "--attr", "old", *TINY_DISCOVERY, "--lr", "2", "--off-axis-weight", "0",
-                    "--t-window", "0.25", "1", "--name", "explicit", "--out", store)
+                    "--t-window", "0.25", "1", "--aggregator", "mean", "--name", "explicit", "--out", store)
     assert result.exit_code == 0, (result.stderr, result.exception)
     s = DirectionStore(store).read("explicit").settings
     assert (s["n_images"], s["flowgrad"]["lr"], s["off_axis_weight"]) == (4, 2.0, 0.0)
     assert s["flowgrad"]["t_window"] == [0.25, 1.0] and s["flowgrad"]["iterations"] == 1
+    assert (s["flowgrad"]["n_steps"], s["aggregator"]) == (4, "mean")
     result = invoke("discover-directions", "--prompt", "a red face", *TINY_DISCOVERY, "--name", "plain",
                     "--out", store)
     assert result.exit_code == 0, (result.stderr, result.exception)
     s = DirectionStore(store).read("plain").settings  # no attribute: the built-in defaults
     assert (s["flowgrad"]["lr"], s["off_axis_weight"], s["flowgrad"]["t_window"]) == (10.0, 0.0, [0.3, 1.0])
+    assert s["aggregator"] == "mean"
 
 
 def test_discover_preserve_errors_are_one_line(tmp_path):

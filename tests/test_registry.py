@@ -125,14 +125,18 @@ def test_bad_preserve_entries_are_refused(tmp_path):
 def test_discovery_recipes_are_read_and_checked(tmp_path):
     path = tmp_path / "r.toml"
     path.write_text('[a]\nprompt = "p"\ndiscovery = { n_images = 64, off_axis_weight = 0.5, lr = 12, iterations = 10,'
-                    ' t_window = [0.8, 1] }\n[b]\nprompt = "q"\n')
+                    ' t_window = [0.8, 1], steps = 30, aggregator = "joint" }\n[b]\nprompt = "q"\n')
     reg = load_registry(path)
     assert dict(reg["a"].discovery) == {"n_images": 64, "off_axis_weight": 0.5, "lr": 12.0, "iterations": 10,
-                                        "t_window": (0.8, 1.0)}
+                                        "t_window": (0.8, 1.0), "steps": 30, "aggregator": "joint"}
     assert isinstance(reg["a"].discovery["lr"], float) and dict(reg["b"].discovery) == {}
     with pytest.raises(TypeError):
         reg["a"].discovery["lr"] = 1.0  # read-only
-    for text, match in [('discovery = { steps = 4 }', r"unknown discovery setting\(s\) \['steps'\]"),
+    for text, match in [('discovery = { n_steps = 4 }', r"unknown discovery setting\(s\) \['n_steps'\]"),
+                        ('discovery = { steps = 0 }', "'steps' must be an integer > 0"),
+                        ('discovery = { steps = 20.0 }', "'steps' must be an integer > 0"),
+                        ('discovery = { aggregator = "median" }', "'aggregator' must be one of mean, pc1, pca"),
+                        ('discovery = { aggregator = 1 }', "'aggregator' must be one of"),
                         ('discovery = { n_images = 2.5 }', "'n_images' must be an integer > 0"),
                         ('discovery = { n_images = 0 }', "'n_images' must be an integer > 0"),
                         ('discovery = { off_axis_weight = -1 }', "'off_axis_weight' must be a number >= 0"),
@@ -148,3 +152,12 @@ def test_discovery_recipes_are_read_and_checked(tmp_path):
         path.write_text(f'[a]\nprompt = "p"\n{text}\n')
         with pytest.raises(ValueError, match=match):
             load_registry(path)
+
+
+def test_aggregator_names_agree_across_the_layers():
+    """The registry's, the CLI's (kept literal for a fast --help) and the library's aggregator names are one list."""
+    from cli.discover import AGGREGATOR_NAMES
+    from directions.aggregate import METHODS
+    from flowgrad.demo.registry import AGGREGATORS
+
+    assert AGGREGATORS == AGGREGATOR_NAMES == (*METHODS, "joint")

@@ -29,7 +29,7 @@ from types import MappingProxyType
 from ..paths import data_dir
 from .render import FACTOR_NAMES
 
-__all__ = ["Attribute", "DATA_ENV", "RECIPE_KEYS", "data_dir", "get_attribute", "load_registry", "preserve_pairs",
+__all__ = ["AGGREGATORS", "Attribute", "DATA_ENV", "RECIPE_KEYS", "data_dir", "get_attribute", "load_registry", "preserve_pairs",
            "registry_path"]
 
 DATA_ENV = "FLOWGRAD_DATA"
@@ -39,10 +39,14 @@ _FILE = "attributes.toml"
 _KEYS = {"prompt", "negative_prompt", "factor", "direction", "preserve", "discovery"}
 
 RECIPE_KEYS: Mapping[str, type] = MappingProxyType({
-    "n_images": int, "iterations": int, "lr": float, "t_window": tuple, "preserve_weight": float,
-    "off_axis_weight": float})
+    "n_images": int, "steps": int, "iterations": int, "lr": float, "t_window": tuple, "preserve_weight": float,
+    "off_axis_weight": float, "aggregator": str})
 """Settings an attribute's ``discovery`` table may set, with their types (numbers > 0, weights >= 0;
-``t_window`` a pair [t_start, t_end] with 0 <= t_start < t_end <= 1, as a stored direction's window)."""
+``t_window`` a pair [t_start, t_end] with 0 <= t_start < t_end <= 1, as a stored direction's window;
+``aggregator`` one of :data:`AGGREGATORS`)."""
+
+AGGREGATORS: tuple[str, ...] = ("mean", "pc1", "pca", "probe", "robust", "joint")
+"""Names ``discover-directions --aggregator`` takes (``directions.aggregate.METHODS`` plus ``joint``)."""
 
 
 @dataclass(frozen=True)
@@ -67,22 +71,28 @@ class Attribute:
     factor: str | None
     direction: int
     preserve: tuple[str, ...] = ()
-    discovery: Mapping[str, int | float | tuple[float, float]] = field(
+    discovery: Mapping[str, int | float | str | tuple[float, float]] = field(
         default_factory=lambda: MappingProxyType({}), hash=False)
 
 
-def _recipe(name: str, entry: object, where: Path) -> Mapping[str, int | float | tuple[float, float]]:
+def _recipe(name: str, entry: object, where: Path) -> Mapping[str, int | float | str | tuple[float, float]]:
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: attribute {name!r}: 'discovery' must be a table of settings, got {entry!r}")
     unknown = sorted(set(entry) - set(RECIPE_KEYS))
     if unknown:
         raise ValueError(f"{where}: attribute {name!r}: unknown discovery setting(s) {unknown}; "
                          f"allowed: {sorted(RECIPE_KEYS)}")
-    recipe: dict[str, int | float | tuple[float, float]] = {}
+    recipe: dict[str, int | float | str | tuple[float, float]] = {}
     for key, value in entry.items():
         kind = RECIPE_KEYS[key]
         if kind is tuple:
             recipe[key] = _window(name, key, value, where)
+            continue
+        if kind is str:
+            if value not in AGGREGATORS:
+                raise ValueError(f"{where}: attribute {name!r}: discovery setting {key!r} must be one of "
+                                 f"{', '.join(AGGREGATORS)}, got {value!r}")
+            recipe[key] = value
             continue
         ok_type = isinstance(value, int) if kind is int else isinstance(value, (int, float))
         weight = key.endswith("_weight")
