@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .common import CliError, Command, console, friendly_errors, pick_device, setup_logging
+from .common import CliError, Command, console, friendly_errors, pick_device, run_program, setup_logging
 
 
 def parse_edits(attrs: tuple[str, ...], strength: float) -> list[tuple[str, float]]:
@@ -110,3 +110,12 @@ def apply_directions(images, store_path, attrs, strength, project_out, samples, 
     if src.reconstruction_rmse is not None:
         console("reconstruction RMSE (data space): " + ", ".join(f"{r:.4f}" for r in src.reconstruction_rmse))
     console(f"edited {len(src.labels)} image(s) with {', '.join(f'{n}={s:g}' for n, s in edits)} -> {out_dir}")
+
+
+def main() -> None:
+    """Console-script entry point (see :func:`cli.common.run_program`)."""
+    run_program(apply_directions)
+
+
+if __name__ == "__main__":  # python -m cli.apply
+    main()

@@ -262,6 +262,7 @@ def model_kwargs(bf16: bool, compile_model: bool = False) -> dict:
     kwargs: dict = {"autocast_dtype": torch.bfloat16} if bf16 else {}
     if compile_model:
         kwargs["compile_backend"] = "inductor"
+        _RUN["compiled"] = True  # its compile workers shut down in atexit: no quick exit (run_program)
     return kwargs
 
 
@@ -269,3 +270,41 @@ def precision_name(velocity) -> str:
     """How the loaded model runs (read from the model, not the flag), for metrics and direction settings."""
     dtype = str(getattr(velocity, "autocast_dtype", None)).removeprefix("torch.")
     return {"None": "float32", "bfloat16": "bf16-autocast", "float16": "fp16-autocast"}.get(dtype, dtype)
+
+
+_RUN: dict[str, bool] = {"compiled": False}
+"""What this process's command did that matters at exit."""
+
+ORDERLY_EXIT_ENV = "FLOWGRAD_ORDERLY_EXIT"
+"""Set to 1 to keep the interpreter's full teardown after a successful GPU run (see :func:`run_program`)."""
+
+
+def _quick_exit_allowed() -> bool:
+    """A finished one-process run that initialized CUDA, without torch.compile's worker pool."""
+    torch = sys.modules.get("torch")
+    return (torch is not None and torch.cuda.is_initialized() and os.environ.get(ORDERLY_EXIT_ENV, "") in ("", "0")
+            and int(os.environ.get("WORLD_SIZE", "1") or 1) == 1 and not _RUN["compiled"])
+
+
+def run_program(command: click.Command) -> None:
+    """Run a click command as the process's program (console scripts, ``python -m cli.X``).
+
+    After a successful run that used CUDA, the process leaves with ``os._exit(0)`` once logging and
+    the standard streams are flushed: the interpreter's teardown (CUDA context, graph pools, module
+    cleanup) took 0.9-1.35 s of a 9-10 s `discover-directions --attr old` on an H100, against 0.16-0.18 s.
+    Every file a command writes is closed (and renamed into place) before it returns, so nothing is
+    lost. Errors, CPU runs, torchrun workers and --compile runs exit the usual way; so does any run with
+    FLOWGRAD_ORDERLY_EXIT=1. Tests call the commands through click's runner, which never gets here.
+    """
+    try:
+        command.main(standalone_mode=True)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    if code in (0, None) and _quick_exit_allowed():
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(0)
+    sys.exit(code)

@@ -14,7 +14,7 @@ import click
 
 from .common import (CliError, Command, bf16_option, coarse_option, compile_option, console, deterministic_option,
                      friendly_errors, graphs_option, maybe_graphed, model_kwargs, pick_device, precision_name,
-                     progress_bar, setup_logging, warm_cuda)
+                     progress_bar, run_program, setup_logging, warm_cuda)
 
 DEFAULT_STORE = Path("directions.h5")
 
@@ -183,5 +183,10 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
                 f"{time.perf_counter() - t0:.1f}s on {dev}{f' x{world}' if world > 1 else ''} -> {store_path}")
 
 
+def main() -> None:
+    """Console-script entry point (see :func:`cli.common.run_program`)."""
+    run_program(discover_directions)
+
+
 if __name__ == "__main__":  # python -m cli.discover (also what torchrun -m cli.discover runs)
-    discover_directions()
+    main()

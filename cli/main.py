@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import Group, setup_logging
+from .common import Group, run_program, setup_logging
 from .demo import demo
 from .edit import edit
 from .inspect_store import inspect_store
@@ -22,5 +22,11 @@ flowgrad.add_command(demo)
 flowgrad.add_command(edit)
 flowgrad.add_command(inspect_store)
 
-if __name__ == "__main__":
-    flowgrad()
+
+def main() -> None:
+    """Console-script entry point (see :func:`cli.common.run_program`)."""
+    run_program(flowgrad)
+
+
+if __name__ == "__main__":  # python -m cli.main
+    main()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .common import Command, console, friendly_errors, pick_device, setup_logging
+from .common import Command, console, friendly_errors, pick_device, run_program, setup_logging
 
 
 @click.command("plot-sweep", cls=Command)
@@ -113,3 +113,12 @@ def _targets(direction) -> set[str]:
     from flowgrad.demo.registry import load_registry
 
     return {a.factor for a in load_registry().values() if a.prompt == direction.prompt and a.factor}
+
+
+def main() -> None:
+    """Console-script entry point (see :func:`cli.common.run_program`)."""
+    run_program(plot_sweep)
+
+
+if __name__ == "__main__":  # python -m cli.sweep
+    main()

@@ -51,8 +51,9 @@ def script_argv(name: str) -> list[str]:
     found = shutil.which(name)
     if found:
         return [found]
-    module, attr = COMMANDS[name]
-    return [sys.executable, "-c", f"import sys; from {module} import {attr} as c; c(prog_name={name!r})"]
+    module, attr = COMMANDS[name]  # not installed: run it as the console script would (cli.common.run_program)
+    return [sys.executable, "-c", f"import sys; sys.argv[0] = {name!r}; from cli.common import run_program; "
+                                  f"from {module} import {attr} as c; run_program(c)"]
 
 
 def subprocess_env() -> dict[str, str]:

@@ -879,3 +879,71 @@ def test_discover_coarse_forward_is_recorded_and_needs_a_threshold(base_store, t
                     "joint", "--out", tmp_path / "d.h5")
     assert_cli_error(result, "drop --coarse-forward")
     assert not (tmp_path / "d.h5").exists()
+
+
+_QUICK_EXIT_PROGRAM = """
+import logging, sys
+import click
+import cli.common as common
+from cli.common import CliError, Command
+common._quick_exit_allowed = lambda: True  # as after a CUDA run
+@click.command(cls=Command)
+@click.argument("out")
+@click.option("--fail", is_flag=True)
+def prog(out, fail):
+    open(out, "w").write("done")
+    logging.getLogger("flowgrad").warning("a log line")
+    print("summary line", end="")  # stdout is a pipe: block-buffered until flushed
+    if fail:
+        raise CliError("bad input")
+common.run_program(prog)
+print("never reached")
+"""
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_run_program_leaves_quickly_only_after_success_with_output_flushed(tmp_path, fail):
+    """After success with CUDA in use the process ends with os._exit(0) (no 'never reached'), its buffered
+    output and log lines flushed first; an error exits the usual way with its one-line message and code 1."""
+    out = tmp_path / "out.txt"
+    logging_setup = "logging.basicConfig(stream=sys.stderr)\n"
+    code = _QUICK_EXIT_PROGRAM.replace("common._quick", logging_setup + "common._quick", 1)
+    env = {k: v for k, v in subprocess_env().items() if k != "PYTHONUNBUFFERED"}  # buffered, as in a shell pipe
+    run = subprocess.run([sys.executable, "-c", code, str(out), *(["--fail"] if fail else [])], capture_output=True,
+                         text=True, cwd=ROOT, env=env, timeout=120)
+    assert out.read_text() == "done"
+    assert run.stdout == "summary line" and "a log line" in run.stderr and "never reached" not in run.stdout
+    if fail:
+        assert run.returncode == 1 and run.stderr.strip().endswith("error: bad input")
+    else:
+        assert run.returncode == 0
+
+
+def test_run_program_exits_the_usual_way_on_cpu_and_when_asked(tmp_path, monkeypatch):
+    import click
+
+    import cli.common as common
+
+    @click.command(cls=common.Command)
+    def prog() -> None:
+        pass
+
+    monkeypatch.setattr(sys, "argv", ["prog"])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv(common.ORDERLY_EXIT_ENV, raising=False)
+    monkeypatch.setitem(common._RUN, "compiled", False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert not common._quick_exit_allowed()  # CPU: the interpreter's teardown is cheap
+    with pytest.raises(SystemExit) as exc:
+        common.run_program(prog)
+    assert exc.value.code == 0
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert common._quick_exit_allowed()
+    monkeypatch.setenv(common.ORDERLY_EXIT_ENV, "1")
+    assert not common._quick_exit_allowed()
+    monkeypatch.delenv(common.ORDERLY_EXIT_ENV)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a torchrun worker leaves through the process group's teardown
+    assert not common._quick_exit_allowed()
+    monkeypatch.delenv("WORLD_SIZE")
+    common.model_kwargs(bf16=False, compile_model=True)  # --compile: its worker pool shuts down in atexit
+    assert not common._quick_exit_allowed()
