@@ -29,8 +29,8 @@ from types import MappingProxyType
 from ..paths import data_dir
 from .render import FACTOR_NAMES
 
-__all__ = ["AGGREGATORS", "Attribute", "DATA_ENV", "RECIPE_KEYS", "data_dir", "get_attribute", "load_registry", "preserve_pairs",
-           "registry_path"]
+__all__ = ["AGGREGATORS", "Attribute", "DATA_ENV", "RECIPE_KEYS", "data_dir", "get_attribute", "load_registry",
+           "preserve_pairs", "registry_path"]
 
 DATA_ENV = "FLOWGRAD_DATA"
 """Environment variable that overrides the data directory (read by :func:`flowgrad.paths.data_dir`)."""
