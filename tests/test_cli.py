@@ -882,8 +882,9 @@ def test_discover_coarse_forward_is_recorded_and_needs_a_threshold(base_store, t
 
 
 _QUICK_EXIT_PROGRAM = """
-import logging, sys
+import atexit, logging, sys
 import click
+atexit.register(lambda: print("teardown ran", file=sys.stderr))  # the interpreter's teardown, skipped by os._exit
 import cli.common as common
 from cli.common import CliError, Command
 common._quick_exit_allowed = lambda: True  # as after a CUDA run
@@ -903,8 +904,8 @@ print("never reached")
 
 @pytest.mark.parametrize("fail", [False, True])
 def test_run_program_leaves_quickly_only_after_success_with_output_flushed(tmp_path, fail):
-    """After success with CUDA in use the process ends with os._exit(0) (no 'never reached'), its buffered
-    output and log lines flushed first; an error exits the usual way with its one-line message and code 1."""
+    """After success with CUDA in use the process ends with os._exit(0) (no teardown), its buffered output
+    flushed first; an error exits the usual way (with teardown) with its one-line message and code 1."""
     out = tmp_path / "out.txt"
     logging_setup = "logging.basicConfig(stream=sys.stderr)\n"
     code = _QUICK_EXIT_PROGRAM.replace("common._quick", logging_setup + "common._quick", 1)
@@ -914,9 +915,9 @@ def test_run_program_leaves_quickly_only_after_success_with_output_flushed(tmp_p
     assert out.read_text() == "done"
     assert run.stdout == "summary line" and "a log line" in run.stderr and "never reached" not in run.stdout
     if fail:
-        assert run.returncode == 1 and run.stderr.strip().endswith("error: bad input")
+        assert run.returncode == 1 and "error: bad input" in run.stderr and "teardown ran" in run.stderr
     else:
-        assert run.returncode == 0
+        assert run.returncode == 0 and "teardown ran" not in run.stderr
 
 
 def test_run_program_exits_the_usual_way_on_cpu_and_when_asked(tmp_path, monkeypatch):
