@@ -17,9 +17,20 @@ from .common import (CliError, Command, bf16_option, coarse_option, compile_opti
                      progress_bar, run_program, setup_logging, warm_cuda)
 
 DEFAULT_STORE = Path("directions.h5")
+GPU_DEMO_BATCH = 64
+"""Default --batch-size for the demo model on a GPU: its calls are launch-bound, so one batch of the job's
+images is fastest (a fresh `discover-directions --attr old` on an H100: ~8.3 s instead of ~9.5 s at 16)."""
 
 AGGREGATOR_NAMES = ("mean", "pc1", "pca", "probe", "robust", "joint")
 """--aggregator's choices (the registry's ``AGGREGATORS``; kept literal so that --help imports no torch)."""
+
+
+def default_batch_size(device, model: str, n_images: int, world: int = 1) -> int:
+    """--batch-size when not given: 16, or with the demo model on a GPU every image of the job in one batch
+    (at most :data:`GPU_DEMO_BATCH`), shared evenly among ``world`` processes."""
+    if getattr(device, "type", str(device).split(":")[0]) == "cuda" and model == "demo":
+        return max(1, min(GPU_DEMO_BATCH, -(-n_images // max(1, world))))
+    return 16
 
 
 def _slug(text: str) -> str:
@@ -52,7 +63,9 @@ def skipped_note(statuses: Iterable[str]) -> str:
               help="Folder of real images to invert (default: fresh seeded samples).")
 @click.option("--n-images", type=int, default=None, help="Images to optimize [default: 32, or the attribute's "
               "registry recipe; with --images at most the folder's count].")
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--batch-size", type=int, default=None, help="Images optimized together [default: 16; with the demo "
+              "model on a GPU all of them, up to 64, shared evenly among torchrun's processes]. Every image draws its "
+              "own noise and augmentations, so the direction does not depend on it.")
 @click.option("--steps", "n_steps", type=int, default=None, help="Euler steps N [default: 20, or the attribute's "
               "registry recipe].")
 @click.option("--iterations", type=int, default=None, help="FlowGrad iterations per image [default: 6, or the "
@@ -147,17 +160,20 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
                         coarse_forward=coarse_forward)
     cfg = DiscoveryConfig(name=name, prompt=prompt, negative_prompt=negative or "", model=model, clip=clip,
                           images=str(Path(images).resolve()) if images else None, n_images=n_images,
-                          batch_size=batch_size, seed=seed, flowgrad=fg, alpha=alpha, replicas=replicas,
+                          batch_size=builtin.batch_size if batch_size is None else batch_size, seed=seed,
+                          flowgrad=fg, alpha=alpha, replicas=replicas,
                           preserve=keep, preserve_weight=preserve_weight, off_axis_weight=off_axis_weight,
                           aggregator=aggregator, keep_offsets=keep_offsets)
     with dist.process_group(pick_device(device)) as dev:
         rank, world = dist.rank_and_world()
+        if batch_size is None:
+            cfg = dataclasses.replace(cfg, batch_size=default_batch_size(dev, model, n_images, world))
         t0 = time.perf_counter()
         velocity = load_model(model, model_config, device=dev, **model_kwargs(bf16, compile_model))
         cfg = dataclasses.replace(cfg, precision=precision_name(velocity))
         velocity = maybe_graphed(velocity, dev, cuda_graphs)
         # CUDA's first-use costs for this network (and its graph captures) overlap with importing open_clip
-        warming = warm_cuda(dev, None if compile_model else velocity, min(batch_size, n_images))
+        warming = warm_cuda(dev, None if compile_model else velocity, min(cfg.batch_size, n_images))
         import_open_clip()
         if warming is not None:
             warming.join()

@@ -35,12 +35,13 @@ from . import distributed as dist
 from .aggregate import Method, aggregate, split_half_cosine
 from .checkpoint import JobCheckpoint
 from .joint import optimize_joint
+from .seeds import augment_seed, image_seed
 from .store import Direction, DirectionStore, check_name
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DiscoveryConfig", "BatchProgress", "check_name_free", "discover", "image_files", "image_seed",
-           "job_images", "sample_latents", "partial_dir"]
+__all__ = ["DiscoveryConfig", "BatchProgress", "augment_seed", "check_name_free", "discover", "image_files",
+           "image_seed", "job_images", "sample_latents", "partial_dir"]
 
 
 @dataclass(frozen=True)
@@ -163,11 +164,6 @@ class BatchProgress:
     loss: float
 
 
-def image_seed(seed: int, index: int) -> int:
-    """Seed of image ``index``'s latent: independent of how images are batched."""
-    return (seed * 1_000_003 + index * 7919 + 12345) % (2**63 - 1)
-
-
 def sample_latents(shape: tuple[int, ...], seed: int, indices: range) -> Tensor:
     """(len(indices), *shape) standard normal latents, one generator per image."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(image_seed(seed, i)))
@@ -262,7 +258,7 @@ def _run_batch(cfg: DiscoveryConfig, velocity, clip, b: int, device: torch.devic
     """Optimize the images of batch ``b`` (or the ``indices`` subset of it, after an out-of-memory)."""
     idx = list(cfg.batch_indices(b) if indices is None else indices)
     try:
-        return _optimize_images(cfg, velocity, clip, b, idx, device, load_image, report)
+        return _optimize_images(cfg, velocity, clip, idx, device, load_image, report)
     except _OOM:
         if isinstance(velocity, GraphedVelocity):  # graphs captured for the failed size hold memory
             velocity.reset()
@@ -283,16 +279,17 @@ def _run_batch(cfg: DiscoveryConfig, velocity, clip, b: int, device: torch.devic
     return arrays, records
 
 
-def _optimize_images(cfg: DiscoveryConfig, velocity, clip, b: int, idx: list[int], device: torch.device,
+def _optimize_images(cfg: DiscoveryConfig, velocity, clip, idx: list[int], device: torch.device,
                      load_image, report: Callable[[int, float], None]
                      ) -> tuple[dict[str, np.ndarray], dict[str, list]]:
     z0, source, labels, recon_rmse, start = _batch_inputs(cfg, velocity, idx, device, load_image, keep_pass=True)
     negative = cfg.negative_prompt if (cfg.directional and cfg.negative_prompt) else None
-    # A sub-batch after an out-of-memory draws its own augmentations (seeded by its first image).
-    seed = cfg.seed * 1_000_003 + b + (0 if idx[0] == cfg.batch_indices(b)[0] else 7_919 * (idx[0] + 1))
+    # Each image draws its augmentations from its own seed: the same in any batch, or half of one after an
+    # out-of-memory.
     preserve = cfg.preserve if cfg.preserve_weight > 0 else ()
     loss = ClipLoss(clip, cfg.prompt, negative_prompt=negative, source=source, alpha=cfg.alpha,
-                    replicas=cfg.replicas, seed=seed, preserve=preserve, preserve_weight=cfg.preserve_weight,
+                    replicas=cfg.replicas, image_seeds=[augment_seed(cfg.seed, i) for i in idx],
+                    preserve=preserve, preserve_weight=cfg.preserve_weight,
                     off_axis_weight=cfg.off_axis_weight, fixed_augmentations=cfg.fixed_augmentations)
     result = optimize(velocity, z0, lambda x: loss(velocity.to_image(x)), config=cfg.flowgrad, initial=start,
                       start_step=cfg.start_step,
@@ -347,7 +344,8 @@ def discover(cfg: DiscoveryConfig, velocity, clip, store_path: str | Path, *, re
     if cfg.images is not None:  # the files' names and sizes go into the settings a resume must match
         cfg = replace(cfg, images_digest=job_images(cfg)[1])
     settings = cfg.settings() | {"model_fingerprint": velocity.fingerprint(),
-                                 "flowgrad_version": flowgrad.__version__}
+                                 "flowgrad_version": flowgrad.__version__,
+                                 "augmentation_seeds": "per image"}
     lock = store.lock() if rank == 0 else dist.nullcontext()
     with lock:
         if rank == 0:

@@ -39,6 +39,7 @@ from flowgrad.clip_guidance import ClipLoss, clip_score
 from flowgrad.segments import straightness_segments
 
 from . import distributed as dist
+from .seeds import augment_seed
 
 __all__ = ["JointResult", "optimize_joint"]
 
@@ -142,7 +143,7 @@ def optimize_joint(cfg, velocity, clip, inputs: BatchInputs, ckpt, device: torch
         cache = {b: inputs(list(cfg.batch_indices(b))) for b in mine}
     except _OOM:
         raise _out_of_memory(device, cfg.batch_size) from None
-    # One loss per batch (text embeddings once); its augmentation draws are reseeded per (batch, iteration).
+    # One loss per batch (text embeddings once); its augmentation draws are reseeded per (image, iteration).
     losses_of = {b: ClipLoss(clip, cfg.prompt, negative_prompt=negative, source=cache[b][1], alpha=cfg.alpha,
                              replicas=cfg.replicas, preserve=preserve, preserve_weight=cfg.preserve_weight,
                              off_axis_weight=cfg.off_axis_weight,
@@ -158,8 +159,9 @@ def optimize_joint(cfg, velocity, clip, inputs: BatchInputs, ckpt, device: torch
         for j, b in enumerate(mine):
             idx = list(cfg.batch_indices(b))
             loss = losses_of[b]
-            # (fixed augmentations: iteration 0's draw in every pass, also after a --resume)
-            loss.generator.manual_seed((cfg.seed * 1_000_003 + b) * 1_009 + (0 if cfg.fixed_augmentations else it))
+            # each image's own draws, restarted per iteration (fixed augmentations: iteration 0's draw in every
+            # pass, also after a --resume)
+            loss.reseed([augment_seed(cfg.seed, i, 0 if cfg.fixed_augmentations else it) for i in idx])
             try:
                 losses, ok, clips, grads = _batch_pass(cfg, velocity, clip, loss, wt, cache[b][0], grid)
             except _OOM:

@@ -8,7 +8,8 @@ pixels; the random parameters are not.
 Randomness is split from application so that it can be controlled and tested:
 
 * :func:`sample_augment_params` draws one :class:`AugmentParams` (uniform numbers in [0, 1),
-  one row per sample) from a CPU :class:`torch.Generator`;
+  one row per sample) from a CPU :class:`torch.Generator`; :func:`sample_augment_params_each` draws
+  each sample's rows from its own generator;
 * :func:`apply_augment` applies them to ``x`` (B, C, H, W) with B equal to the number of rows;
   row ``i`` only ever touches ``x[i]``, so samples are independent of each other;
 * :func:`diff_augment` does both.
@@ -48,7 +49,7 @@ from torch import Tensor
 
 __all__ = [
     "AugmentParams", "POLICY_OPS", "Policy", "apply_augment", "bilinear_matrix", "diff_augment", "gaussian_blur",
-    "parse_policy", "resample_separable", "sample_augment_params",
+    "parse_policy", "resample_separable", "sample_augment_params", "sample_augment_params_each",
 ]
 
 POLICY_OPS: tuple[str, ...] = ("color", "translation", "resize", "cutout")
@@ -141,6 +142,22 @@ def sample_augment_params(policy: Policy, n: int, generator: torch.Generator) ->
         raise ValueError(f"n must be an int >= 0, got {n!r}")
     drawn = {op: torch.rand(n, _DRAWS[op], generator=generator) for op in ops}
     return AugmentParams(policy=ops, **drawn)
+
+
+def sample_augment_params_each(policy: Policy, rows: int, generators: Sequence[torch.Generator]) -> AugmentParams:
+    """Draw ``rows`` parameter rows from each generator: ``len(generators) * rows`` rows in all.
+
+    Rows ``i * rows`` to ``(i + 1) * rows - 1`` come from ``generators[i]`` alone (op by op, as
+    :func:`sample_augment_params`), so sample ``i``'s parameters do not depend on the other generators:
+    with one generator per image, an image draws the same augmentations whichever images share its batch.
+    """
+    ops = parse_policy(policy)
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+        raise ValueError(f"rows must be an int >= 0, got {rows!r}")
+    parts = [sample_augment_params(ops, rows, g) for g in generators]
+    if not parts:
+        return AugmentParams(policy=ops, **{op: torch.empty(0, _DRAWS[op]) for op in ops})
+    return AugmentParams(policy=ops, **{op: torch.cat([getattr(p, op) for p in parts]) for op in ops})
 
 
 def apply_augment(x: Tensor, params: AugmentParams) -> Tensor:

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .augment import POLICY_OPS, AugmentParams, Policy, apply_augment, bilinear_matrix, parse_policy, \
-    resample_separable, sample_augment_params
+    resample_separable, sample_augment_params, sample_augment_params_each
 
 __all__ = [
     "ClipLoadError", "ClipLoss", "ClipLossTerms", "ClipModel", "DEMO_CONFIG_DIR", "clip_score",
@@ -534,7 +534,10 @@ class ClipLoss:
 
     Augmentation parameters are drawn per image per replica from the loss's own CPU generator
     (seeded once with ``seed``), so a sequence of calls is reproducible and image ``b``'s loss
-    depends only on image ``b`` (and its parameters). By default every call draws new ones; with
+    depends only on image ``b`` (and its parameters). With ``image_seeds`` (one per image of the batch)
+    every image draws from a generator of its own instead, so its augmentations, and so its loss, do not
+    depend on which images share its batch (discovery uses this: its result does not depend on
+    ``--batch-size``). By default every call draws new ones; with
     ``fixed_augmentations`` the first call with a batch of B images draws them and every later call
     with B images reuses them, so the loss is a deterministic function of the images (passes of an
     optimization are then compared without augmentation noise). Text embeddings are computed once; all
@@ -549,7 +552,8 @@ class ClipLoss:
                  source: Tensor | None = None, alpha: float = 0.7, replicas: int = 20,
                  policy: Policy = POLICY_OPS, seed: int = 0, max_batch: int | None = None,
                  preserve: Sequence[tuple[str, str]] = (), preserve_weight: float = 0.0,
-                 off_axis_weight: float = 0.0, fixed_augmentations: bool = False) -> None:
+                 off_axis_weight: float = 0.0, fixed_augmentations: bool = False,
+                 image_seeds: Sequence[int] | None = None) -> None:
         if not isinstance(clip, ClipModel):
             raise TypeError(f"clip must be a ClipModel (from load_clip/random_clip), got "
                             f"{type(clip).__name__}")
@@ -588,6 +592,11 @@ class ClipLoss:
         self.seed = int(seed)
         self.max_batch = max_batch
         self.generator = torch.Generator().manual_seed(self.seed)
+        self.image_generators: list[torch.Generator] | None = None
+        if image_seeds is not None:
+            if isinstance(image_seeds, (int, str, bytes)) or not isinstance(image_seeds, Sequence):
+                raise ValueError(f"image_seeds must be a sequence of ints (one per image), got {image_seeds!r}")
+            self.reseed(image_seeds)
         self.fixed_augmentations = bool(fixed_augmentations)
         self._fixed_params: dict[int, AugmentParams] = {}
         texts = [prompt] if negative_prompt is None else [prompt, negative_prompt]
@@ -610,12 +619,32 @@ class ClipLoss:
             self.preserve_matrix = torch.stack(cols, dim=1)
         self.last_terms: ClipLossTerms | None = None
 
+    def reseed(self, seed: int | Sequence[int]) -> None:
+        """Restart the draws: an int reseeds the loss's generator, a sequence gives every image its own.
+
+        Fixed augmentations (``fixed_augmentations``) already drawn are kept.
+        """
+        if isinstance(seed, Sequence) and not isinstance(seed, (str, bytes)):
+            if not all(isinstance(s, int) and not isinstance(s, bool) for s in seed):
+                raise ValueError(f"image_seeds must be ints, got {list(seed)!r}")
+            self.image_generators = [torch.Generator().manual_seed(int(s)) for s in seed]
+        elif isinstance(seed, int) and not isinstance(seed, bool):
+            self.generator.manual_seed(seed)
+            self.image_generators = None
+        else:
+            raise ValueError(f"seed must be an int or a sequence of ints (one per image), got {seed!r}")
+
     def sample_params(self, batch_size: int) -> AugmentParams:
-        """Draw augmentation params for a batch from the loss's generator.
+        """Draw augmentation params for a batch from the loss's generator (or the images' own).
 
         Row ``b * replicas + r`` belongs to image ``b``, replica ``r``; the rows of image ``b``
         are ``params.select(slice(b * replicas, (b + 1) * replicas))``.
         """
+        if self.image_generators is not None:
+            if batch_size != len(self.image_generators):
+                raise ValueError(f"the loss has seeds for {len(self.image_generators)} images, got a batch of "
+                                 f"{batch_size}")
+            return sample_augment_params_each(self.policy, self.replicas, self.image_generators)
         return sample_augment_params(self.policy, batch_size * self.replicas, self.generator)
 
     def terms(self, images: Tensor, params: AugmentParams | None = None) -> ClipLossTerms:

@@ -7,6 +7,7 @@ import torch
 
 from flowgrad.augment import (
     POLICY_OPS, AugmentParams, apply_augment, diff_augment, gaussian_blur, parse_policy, sample_augment_params,
+    sample_augment_params_each,
 )
 
 
@@ -49,6 +50,19 @@ def test_generator_makes_draws_reproducible_and_fresh():
     assert torch.equal(first, diff_augment(x, POLICY_OPS, g2))
     assert torch.equal(second, diff_augment(x, POLICY_OPS, g2))
     assert not torch.equal(first, second)
+
+
+def test_each_sample_draws_from_its_own_generator():
+    gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    params = sample_augment_params_each(POLICY_OPS, 3, gens(1, 2, 3))
+    assert len(params) == 9 and params.policy == POLICY_OPS
+    for i, seed in enumerate((1, 2, 3)):  # rows 3i..3i+2 are what generator i alone draws
+        alone = sample_augment_params(POLICY_OPS, 3, torch.Generator().manual_seed(seed))
+        for op in POLICY_OPS:
+            assert torch.equal(getattr(params.select(slice(3 * i, 3 * i + 3)), op), getattr(alone, op))
+    other = sample_augment_params_each(POLICY_OPS, 3, gens(9, 2))  # the neighbour changed: sample 1 did not
+    assert torch.equal(other.select(slice(3, 6)).color, params.select(slice(3, 6)).color)
+    assert len(sample_augment_params_each("color", 2, [])) == 0
 
 
 def test_neutral_parameters_are_identity():

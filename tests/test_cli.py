@@ -755,14 +755,16 @@ def test_discover_uses_the_attribute_recipe_unless_options_are_given(tmp_path, m
         ' aggregator = "robust" }\n')
     monkeypatch.setenv("FLOWGRAD_DATA", str(data))
     no_n = [a for i, a in enumerate(TINY_DISCOVERY)
-            if not {"--n-images", "--iterations", "--steps"} & set(TINY_DISCOVERY[max(i - 1, 0):i + 1])]
-    assert len(no_n) == len(TINY_DISCOVERY) - 6
+            if not {"--n-images", "--iterations", "--steps", "--batch-size", "--replicas"}
+            & set(TINY_DISCOVERY[max(i - 1, 0):i + 1])]
+    assert len(no_n) == len(TINY_DISCOVERY) - 10  # (4 replicas: an improvement is not left to one augmented copy)
     store = tmp_path / "d.h5"
     result = invoke("discover-directions", "--attr", "old", *no_n, "--out", store)
     assert result.exit_code == 0, (result.stderr, result.exception)
     d = DirectionStore(store).read("old")
     s = d.settings
     assert (s["n_images"], s["flowgrad"]["lr"], s["off_axis_weight"]) == (3, 4.0, 0.25)
+    assert s["batch_size"] == 16  # not given, on the CPU
     assert (s["flowgrad"]["iterations"], s["flowgrad"]["t_window"]) == (2, [0.5, 1.0])
     assert (s["flowgrad"]["n_steps"], d.n_steps, s["aggregator"], d.method) == (6, 6, "robust", "robust")
     result = invoke("discover-directions", "--attr", "old", *TINY_DISCOVERY, "--lr", "2", "--off-axis-weight", "0",
@@ -772,12 +774,24 @@ def test_discover_uses_the_attribute_recipe_unless_options_are_given(tmp_path, m
     assert (s["n_images"], s["flowgrad"]["lr"], s["off_axis_weight"]) == (4, 2.0, 0.0)
     assert s["flowgrad"]["t_window"] == [0.25, 1.0] and s["flowgrad"]["iterations"] == 1
     assert (s["flowgrad"]["n_steps"], s["aggregator"]) == (4, "mean")
-    result = invoke("discover-directions", "--prompt", "a red face", *TINY_DISCOVERY, "--name", "plain",
-                    "--out", store)
+    result = invoke("discover-directions", "--prompt", "a red face", *TINY_DISCOVERY, "--replicas", "4",
+                    "--name", "plain", "--out", store)
     assert result.exit_code == 0, (result.stderr, result.exception)
     s = DirectionStore(store).read("plain").settings  # no attribute: the built-in defaults
     assert (s["flowgrad"]["lr"], s["off_axis_weight"], s["flowgrad"]["t_window"]) == (10.0, 0.0, [0.3, 1.0])
     assert s["aggregator"] == "mean"
+
+
+def test_default_batch_size_is_the_whole_job_for_the_demo_model_on_a_gpu():
+    from cli.discover import GPU_DEMO_BATCH, default_batch_size
+
+    cuda = torch.device("cuda", 0)
+    assert default_batch_size(torch.device("cpu"), "demo", 64) == 16
+    assert default_batch_size(cuda, "demo", 64) == 64 == GPU_DEMO_BATCH
+    assert default_batch_size(cuda, "demo", 200) == 64 and default_batch_size(cuda, "demo", 5) == 5
+    assert default_batch_size(cuda, "demo", 64, world=2) == 32  # every torchrun process gets images
+    assert default_batch_size(cuda, "demo", 5, world=2) == 3
+    assert default_batch_size(cuda, "ncsnpp:rf.pth", 64) == 16  # a large network: the memory-safe default
 
 
 def test_discover_preserve_errors_are_one_line(tmp_path):
@@ -824,7 +838,7 @@ def test_an_existing_direction_is_kept_unless_overwrite_is_given(store):
     assert digest(store) == before and not Path(f"{store}.partial-old").exists()
     assert DirectionStore(store).read("old").settings["seed"] == 0
     result = invoke("discover-directions", "--attr", "old", *TINY_DISCOVERY, "--seed", "1", "--overwrite",
-                    "--out", store)
+                    "--replicas", "4", "--out", store)
     assert result.exit_code == 0, (result.stderr, result.exception)
     assert DirectionStore(store).names() == ["old"] and DirectionStore(store).read("old").settings["seed"] == 1
 

@@ -355,6 +355,32 @@ def test_fixed_augmentations_reuse_the_first_draw_per_batch_size(clip):
     assert torch.equal(after[[0, 2]], first[[0, 2]]) and not torch.equal(after[1], first[1])
 
 
+def test_image_seeds_make_each_image_draw_independently_of_its_batch(clip):
+    """With one seed per image, an image's loss is the same whatever images share its batch and in what
+    order; fixed draws and reseeding keep that."""
+    x = images(4)
+    seeds = [101, 202, 303, 404]
+    whole = ClipLoss(clip, PROMPT, replicas=3, image_seeds=seeds)
+    full = [whole(x) for _ in range(2)]  # two calls: each image's generator moves on
+    assert not torch.equal(full[0], full[1])
+    order = [2, 0]
+    part = ClipLoss(clip, PROMPT, replicas=3, image_seeds=[seeds[i] for i in order])
+    for call in full:
+        torch.testing.assert_close(part(x[order]), call[order], rtol=0, atol=1e-6)
+    shared = ClipLoss(clip, PROMPT, replicas=3, seed=101)(x)  # one generator for the batch draws otherwise
+    assert not torch.allclose(shared, full[0], atol=1e-6)
+    whole.reseed(seeds)  # a restart gives the first draws again
+    torch.testing.assert_close(whole(x), full[0], rtol=0, atol=0)
+    fixed = ClipLoss(clip, PROMPT, replicas=3, image_seeds=seeds, fixed_augmentations=True)
+    torch.testing.assert_close(fixed(x), full[0], rtol=0, atol=0)
+    torch.testing.assert_close(fixed(x), full[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="seeds for 4 images, got a batch of 2"):
+        whole(x[:2])
+    for bad in (7, [1.5, 2], "12"):
+        with pytest.raises(ValueError, match="image_seeds"):
+            ClipLoss(clip, PROMPT, image_seeds=bad)
+
+
 @pytest.mark.parametrize("size", [24, 40])  # the tower's input is 32: down- and upsampling
 def test_deterministic_preprocess_resizes_as_interpolate_does(clip, size):
     """Under deterministic algorithms the input resize runs as matrix products: same values and pixel
