@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -120,8 +121,11 @@ def _train_part(name: str, cfg: TrainConfig, dev: torch.device, out_dir: Path, w
         init = torch.load(init_path, map_location="cpu", weights_only=True) if init_path is not None else None
         if init is not None and not (isinstance(init, dict) and "visual.conv1.weight" in init):
             raise CliError(f"--init {init_path} is not a tiny CLIP state dict (a tiny_clip.pt)")
-        return tr.train_clip(cfg, str(config_json), device=dev, workers=workers, callback=callback,
-                             init=init), None
+        res = tr.train_clip(cfg, str(config_json), device=dev, workers=workers, callback=callback, init=init)
+        if not (out_dir / CLIP_CONFIG).is_file():  # the weights load with their architecture, from this folder too
+            out_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(config_json, out_dir / CLIP_CONFIG)
+        return res, None
     res = tr.train_judge(cfg, device=dev, blur=blur, callback=callback)
     return res, res.model.config.to_dict()
 

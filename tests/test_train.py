@@ -195,6 +195,8 @@ def test_cli_clip_continues_from_init_with_its_provenance(tmp_path):
     assert not torch.allclose(scratch[key].float(), start[key].float(), atol=1e-3)
     record = json.loads((tmp_path / "a" / "train_clip.json").read_text())
     assert record["command"].endswith(f"--init '<tiny_clip.pt sha256 {digest(init)}>'")
+    config = ROOT / "data" / "demo" / "flowgrad-tiny-clip.json"  # the folder loads as a data folder's demo/
+    assert (tmp_path / "b" / config.name).read_bytes() == config.read_bytes()
     assert record["previous_stage"]["sha256"] == digest(init)
 
 
