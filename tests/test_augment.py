@@ -80,6 +80,23 @@ def test_brightness_shifts_by_half_at_the_top_of_its_range():
     torch.testing.assert_close(out, x + 0.5, rtol=0, atol=1e-5)
 
 
+def test_saturation_scales_the_deviation_from_the_channel_mean_by_2u():
+    x = torch.rand(3, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    mean_c = x.mean(dim=1, keepdim=True)  # per pixel, over the channels
+    out = apply_augment(x, params_for("color", [[0.5, 0.0, 0.5], [0.5, 0.75, 0.5], [0.5, 1.0 - 1e-7, 0.5]]))
+    for i, factor in enumerate((0.0, 1.5, 2.0)):  # u = 0: gray; u -> 1: twice the colour
+        torch.testing.assert_close(out[i], (x[i] - mean_c[i]) * factor + mean_c[i], rtol=0, atol=1e-6)
+    assert torch.allclose(out[0], out[0, :1].expand(3, 6, 6), rtol=0, atol=1e-12)
+
+
+def test_contrast_scales_the_deviation_from_the_image_mean_by_u_plus_half():
+    x = torch.rand(3, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)  # per image, over C, H, W
+    out = apply_augment(x, params_for("color", [[0.5, 0.5, 0.0], [0.5, 0.5, 0.25], [0.5, 0.5, 1.0 - 1e-7]]))
+    for i, factor in enumerate((0.5, 0.75, 1.5)):
+        torch.testing.assert_close(out[i], (x[i] - mean[i]) * factor + mean[i], rtol=0, atol=1e-6)
+
+
 def test_translation_shifts_by_whole_pixels_with_zero_fill():
     x = torch.rand(1, 3, 16, 16)  # max shift round(16 / 8) = 2, so 5 possible shifts per axis
     down_one = (1 + 2 + 0.5) / 5
@@ -117,19 +134,28 @@ def determinism_restored():
     torch.use_deterministic_algorithms(before)
 
 
-def test_deterministic_resize_is_grid_sample_as_matrix_products(determinism_restored):
-    """Under deterministic algorithms the resize op runs as two matrix products: same values and
-    gradients as grid_sample (float64), non-square images included."""
+def test_deterministic_resize_is_grid_sample_as_matrix_products(determinism_restored, monkeypatch):
+    """Under deterministic algorithms the resize op runs as two matrix products, without grid_sample: same
+    values and gradients as grid_sample (float64), non-square images included."""
     x = torch.rand(4, 3, 18, 26, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     params = params_for("resize", [[0.0], [0.3], [0.5], [1.0 - 1e-7]])
     weights = torch.rand(x.shape, dtype=torch.float64)
     results = []
+    grid_sample_calls = []
+    grid_sample = torch.nn.functional.grid_sample
+
+    def counted(*args, **kwargs):
+        grid_sample_calls.append(torch.are_deterministic_algorithms_enabled())
+        return grid_sample(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "grid_sample", counted)
     for mode in (True, False):
         torch.use_deterministic_algorithms(mode)
         leaf = x.clone().requires_grad_(True)
         out = apply_augment(leaf, params)
         (grad,) = torch.autograd.grad((out * weights).sum(), leaf)
         results.append((out.detach(), grad))
+    assert grid_sample_calls == [False]  # the deterministic pass did not call grid_sample
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-12)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=1e-12)
     assert not torch.equal(results[1][0], x)  # the zooms did move pixels

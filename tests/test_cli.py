@@ -159,6 +159,35 @@ def test_plot_sweep_writes_figure_csv_and_json_with_judged_factors(store, tmp_pa
     assert report["direction"] == "old" and report["strengths"] == [-1.0, 0.0, 1.0]
     assert {"l1", "clip", "age"} <= set(report["mean"]) and len(report["mean"]["age"]) == 3
     assert len(report["per_image"]) == 6
+    # every strength's CLIP score and judged factors are those of its own edited images, made here from the
+    # seeded samples with the direction's control on every step (strength 0: none)
+    from directions.apply import EditSpec, compose_controls
+    from directions.discover import sample_latents
+    from flowgrad import TimeGrid, integrate
+    from flowgrad.clip_guidance import clip_score
+    from flowgrad.demo import world
+    from flowgrad.models import load_guidance_clip, load_model
+
+    old = DirectionStore(store).read("old")
+    velocity, clip = load_model("demo"), load_guidance_clip(old.clip or "demo")
+    z0 = sample_latents(tuple(velocity.sample_shape), 1, range(2))
+    grid = TimeGrid.uniform(old.n_steps, old.eps)
+    by_strength = {}
+    for strength in (-1.0, 0.0, 1.0):
+        control = compose_controls([EditSpec(old, strength)], old.n_steps).unsqueeze(1).expand(-1, 2, -1, -1, -1)
+        with torch.no_grad():
+            images = velocity.to_image(integrate(velocity, z0, grid, control.contiguous(),
+                                                 keep_states=False).final).clamp(0, 1)
+            by_strength[strength] = {"clip": clip_score(clip, images, old.prompt),
+                                     **{k: world.judge(images)[k] for k in ("age", "smile", "glasses")}}
+    for r in rows:
+        own = by_strength[float(r["strength"])]
+        i = int(r["image"].removeprefix("sample-"))
+        for key in ("clip", "age", "smile", "glasses"):
+            assert float(r[key]) == pytest.approx(float(own[key][i]), abs=2e-4), (r, key)
+    for key in ("clip", "age"):  # the edit moves them: a metric of the unedited images would not match
+        assert (by_strength[1.0][key] - by_strength[0.0][key]).abs().min() > 1e-3, key
+        assert (by_strength[-1.0][key] - by_strength[0.0][key]).abs().min() > 1e-3, key
 
 
 def test_inspect_lists_directions_and_pairwise_cosines(store):
@@ -507,8 +536,19 @@ def rendered(tmp_path_factory) -> dict[str, Path]:
 
 
 def _edit(image: Path, out: Path):
+    """A tiny edit; 3 iterations, as with 1 the demo's edit of either rendered image keeps the unedited pass."""
     return invoke("flowgrad", "edit", image, "--prompt", "a photo of a smiling person", "--steps", "4",
-                  "--iterations", "1", "--replicas", "1", "--device", "cpu", "--out", out)
+                  "--iterations", "3", "--replicas", "1", "--device", "cpu", "--out", out)
+
+
+def _assert_edited(out: Path) -> dict:
+    """An optimization that improved on the unedited pass wrote its own image as optimized.png, not the
+    reconstruction (the unedited pass)."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["best_iteration"] > 0 and metrics["loss_best"] < metrics["loss_before"], metrics
+    diff = np.abs(png(out / "optimized.png").astype(np.int16) - png(out / "reconstruct.png").astype(np.int16))
+    assert diff.max() > 1
+    return metrics
 
 
 def test_discover_from_a_folder_of_images_with_a_time_window(rendered, tmp_path):
@@ -580,9 +620,9 @@ def test_edit_writes_the_three_images_and_metrics(rendered, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert EDIT_KEYS <= set(metrics), EDIT_KEYS - set(metrics)
     assert metrics["prompt"] == "a photo of a smiling person" and metrics["n_steps"] == 4
-    assert metrics["iterations"] == 1 and metrics["status"] == "ok" and metrics["deterministic"] is False
-    assert len(metrics["segments_per_iteration"]) >= 1
-    assert metrics["loss_best"] <= metrics["loss_before"] + 1e-6
+    assert metrics["iterations"] == 3 and metrics["status"] == "ok" and metrics["deterministic"] is False
+    assert len(metrics["segments_per_iteration"]) == 3
+    _assert_edited(out)
     for key in ("clip_score_original", "clip_score_reconstruct", "clip_score_optimized",
                 "l1_optimized_vs_original"):
         assert np.isfinite(metrics[key]), key
@@ -598,16 +638,32 @@ def test_edit_writes_the_three_images_and_metrics(rendered, tmp_path):
     assert 0 < metrics["reconstruction_rmse"] == pytest.approx(float(expected), rel=1e-4)
     own = np.asarray(to_pil(velocity.to_image(recon).clamp(0, 1)[0]), dtype=np.int16)
     assert np.abs(png(out / "reconstruct.png").astype(np.int16) - own).max() <= 1
+    # the optimized image is the best pass of the same optimization, run here through the library
+    from flowgrad import optimize
+    from flowgrad.clip_guidance import ClipLoss
+    from flowgrad.models import load_guidance_clip
+
+    original = load_image(rendered["square"], 64).unsqueeze(0)
+    loss = ClipLoss(load_guidance_clip("demo"), "a photo of a smiling person", source=original, alpha=0.7,
+                    replicas=1, seed=0)
+    with torch.no_grad():
+        z0 = invert(velocity, x1, 4)
+    res = optimize(velocity, z0, lambda x: loss(velocity.to_image(x)), n_steps=4, iterations=3, lr=1.0,
+                   threshold=5e-3)
+    assert int(res.best_iteration[0]) == metrics["best_iteration"]
+    assert metrics["loss_best"] == pytest.approx(float(res.best_loss[0]), rel=1e-5)
+    own = np.asarray(to_pil(velocity.to_image(res.images).clamp(0, 1)[0]), dtype=np.int16)
+    assert np.abs(png(out / "optimized.png").astype(np.int16) - own).max() <= 1
 
 
 def test_edit_with_a_time_window_inverts_only_down_to_it(rendered, tmp_path):
     out = tmp_path / "edit"
     result = invoke("flowgrad", "edit", rendered["square"], "--prompt", "a photo of a smiling person", "--steps", "4",
-                    "--iterations", "1", "--replicas", "1", "--t-window", "0.5", "1", "--device", "cpu",
+                    "--iterations", "3", "--replicas", "1", "--t-window", "0.5", "1", "--device", "cpu",
                     "--deterministic", "--out", out)
     assert result.exit_code == 0, (result.stderr, result.exception)
     assert not torch.are_deterministic_algorithms_enabled()  # only for the command's duration
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = _assert_edited(out)
     assert metrics["t_window"] == [0.5, 1.0] and metrics["inverted_to_step"] == 2
     assert metrics["deterministic"] is True
     from cli.images import load_image
@@ -634,6 +690,7 @@ def test_edit_resizes_an_image_of_another_size_with_a_notice(rendered, tmp_path)
     assert "notice: wide.png: 96x64 center-cropped and resized to 64x64" in result.stdout
     assert png(out / "original.png").shape == (64, 64, 3)
     assert EDIT_KEYS <= set(json.loads((out / "metrics.json").read_text()))
+    _assert_edited(out)
 
 
 def test_edit_refuses_a_grayscale_image(tmp_path):

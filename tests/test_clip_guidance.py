@@ -382,11 +382,19 @@ def test_image_seeds_make_each_image_draw_independently_of_its_batch(clip):
 
 
 @pytest.mark.parametrize("size", [24, 40])  # the tower's input is 32: down- and upsampling
-def test_deterministic_preprocess_resizes_as_interpolate_does(clip, size):
+def test_deterministic_preprocess_resizes_as_interpolate_does(clip, size, monkeypatch):
     """Under deterministic algorithms the input resize runs as matrix products: same values and pixel
-    gradients as interpolate (bilinear, no antialias)."""
+    gradients as interpolate (bilinear, no antialias), which it does not call."""
     x = images(3, size=size)
     results = []
+    interpolate_calls = []
+    interpolate = torch.nn.functional.interpolate
+
+    def counted(*args, **kwargs):
+        interpolate_calls.append(torch.are_deterministic_algorithms_enabled())
+        return interpolate(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "interpolate", counted)
     before = torch.are_deterministic_algorithms_enabled()
     try:
         for mode in (True, False):
@@ -397,15 +405,29 @@ def test_deterministic_preprocess_resizes_as_interpolate_does(clip, size):
             results.append((out.detach(), grad))
     finally:
         torch.use_deterministic_algorithms(before)
+    assert interpolate_calls == [False]  # only the non-deterministic pass resized with interpolate
     assert results[0][0].shape == (3, 3, 32, 32)
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-5)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=1e-5)
 
 
-def test_max_batch_chunks_give_the_same_loss(clip):
+def test_max_batch_chunks_give_the_same_loss(clip, monkeypatch):
+    """The 3 * 4 augmented copies go through the image tower in one call, or in ceil(12 / 5) = 3 calls of at
+    most 5 rows with max_batch=5; the losses agree."""
+    rows: list[int] = []
+    encode = clip.model.encode_image
+
+    def counted(x, *args, **kwargs):
+        rows.append(x.shape[0])
+        return encode(x, *args, **kwargs)
+
+    monkeypatch.setattr(clip.model, "encode_image", counted)
     x = images()
     whole = ClipLoss(clip, PROMPT, replicas=4, seed=1)(x)
+    assert rows == [12]
+    rows.clear()
     chunked = ClipLoss(clip, PROMPT, replicas=4, seed=1, max_batch=5)(x)
+    assert rows == [5, 5, 2]
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
 
 

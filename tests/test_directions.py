@@ -24,6 +24,7 @@ from directions.discover import BatchProgress, DiscoveryConfig, discover, partia
 from directions.store import Direction, DirectionStore
 from directions.sweep import parse_strengths, sweep
 from flowgrad import FlowGradConfig, TimeGrid, integrate
+from flowgrad.clip_guidance import random_clip
 from flowgrad.velocity import VelocityField
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -357,6 +358,21 @@ def test_sweep_strength_zero_is_the_unedited_image_and_edits_scale_linearly():
     assert set(result.metrics) == {"l1", "brightness"}  # no clip given: no clip curve
     assert all(v.shape == (4, 3) for v in result.metrics.values())
     assert judged == [(3, 3, 8, 8)] * 4
+    # every strength's metrics are those of its own images (not the unedited ones), which differ per strength
+    brightness = result.images.mean((2, 3, 4)).numpy()
+    assert np.abs(brightness[[0, 2, 3]] - brightness[1]).min() > 1e-5
+    np.testing.assert_allclose(result.metrics["brightness"], brightness, rtol=1e-6)
+    l1 = (result.images - result.images[1]).abs().mean((2, 3, 4)).numpy()
+    np.testing.assert_allclose(result.metrics["l1"], l1, rtol=1e-6)
+    clip = random_clip("flowgrad-tiny-clip", seed=0)
+    scored = sweep(field, z0, direction, [-1.0, 0.0, 1.0, 2.0], 4, clip=clip, prompt="a bright square")
+    assert set(scored.metrics) == {"l1", "clip"}
+    torch.testing.assert_close(scored.images, result.images, rtol=0, atol=0)
+    with torch.no_grad():
+        text = clip.encode_text(["a bright square"])[0]
+        own = torch.stack([clip.encode_image(x) @ text for x in result.images]).numpy()
+    assert np.abs(own[[0, 2, 3]] - own[1]).min() > 1e-6
+    np.testing.assert_allclose(scored.metrics["clip"], own, rtol=1e-5, atol=1e-6)
     unedited = field.to_image(integrate(field, z0, TimeGrid.uniform(4), keep_states=False).final).clamp(0, 1)
     assert torch.equal(result.images[1], unedited)
     np.testing.assert_array_equal(result.metrics["l1"][1], 0.0)

@@ -70,14 +70,17 @@ def test_integrate_without_states_gives_same_final():
 def test_inversion_error_shrinks_with_n(method):
     field = ConvField(hidden=6)
     z0 = torch.randn(2, 3, 4, 4, dtype=torch.float64)
-    errors = []
+    errors, euler = [], []
     for n in (10, 40, 160):
         x1 = flowgrad.trajectory(field, z0, n).final
         z = flowgrad.invert(field, x1, n, method=method)
         errors.append(float((z - z0).norm() / z0.norm()))
+        euler.append(float((flowgrad.invert(field, x1, n, method="euler") - z0).norm() / z0.norm()))
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 0.6 * errors[1]
     assert errors[2] < 0.05
+    if method == "heun":  # the trapezoid correction halves the round trip's error (see the linear closed form)
+        assert all(e < 0.7 * e_euler for e, e_euler in zip(errors, euler)), (errors, euler)
 
 
 def test_linear_euler_inversion_closed_form():
@@ -87,6 +90,17 @@ def test_linear_euler_inversion_closed_form():
     x1 = flowgrad.trajectory(Linear(a), z0, n).final
     z = flowgrad.invert(Linear(a), x1, n)
     assert torch.allclose(z, z0 * (1 - (a / n) ** 2) ** n, rtol=1e-12)
+
+
+def test_linear_heun_inversion_closed_form():
+    """v = a x: the Euler guess is x (1 - a h) and the trapezoid step x - h/2 (a x + a x (1 - a h)) =
+    x (1 - a h + a²h²/2); with the forward factor (1 + a h), z' = z0 ((1 + a h)(1 - a h + a²h²/2))^N."""
+    a, n = 0.8, 25
+    h = 1 / n
+    z0 = torch.randn(1, 1, 3, 3, dtype=torch.float64)
+    x1 = flowgrad.trajectory(Linear(a), z0, n).final
+    z = flowgrad.invert(Linear(a), x1, n, method="heun")
+    assert torch.allclose(z, z0 * ((1 + a * h) * (1 - a * h + (a * h) ** 2 / 2)) ** n, rtol=1e-12)
 
 
 def test_fixed_point_inversion_undoes_the_euler_map():
