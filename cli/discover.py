@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import re
@@ -114,7 +115,7 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
     """
     setup_logging(verbose)
     from directions import distributed as dist
-    from directions.discover import DiscoveryConfig, check_name_free, discover, image_files
+    from directions.discover import DiscoveryConfig, check_name_free, discover, image_files, strict_float32
     from flowgrad import FlowGradConfig
     from flowgrad.clip_guidance import import_open_clip
     from flowgrad.demo.registry import get_attribute, load_registry, preserve_pairs
@@ -164,13 +165,14 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
                           flowgrad=fg, alpha=alpha, replicas=replicas,
                           preserve=keep, preserve_weight=preserve_weight, off_axis_weight=off_axis_weight,
                           aggregator=aggregator, keep_offsets=keep_offsets)
-    with dist.process_group(pick_device(device)) as dev:
+    with dist.process_group(pick_device(device)) as dev, contextlib.ExitStack() as stack:
         rank, world = dist.rank_and_world()
         if batch_size is None:
             cfg = dataclasses.replace(cfg, batch_size=default_batch_size(dev, model, n_images, world))
         t0 = time.perf_counter()
         velocity = load_model(model, model_config, device=dev, **model_kwargs(bf16, compile_model))
         cfg = dataclasses.replace(cfg, precision=precision_name(velocity))
+        stack.enter_context(strict_float32(dev, cfg.precision))  # before any graph is captured
         velocity = maybe_graphed(velocity, dev, cuda_graphs)
         # CUDA's first-use costs for this network (and its graph captures) overlap with importing open_clip
         warming = warm_cuda(dev, None if compile_model else velocity, min(cfg.batch_size, n_images))

@@ -842,3 +842,27 @@ def test_joint_out_of_memory_is_a_one_line_error(demo_models, tmp_path):
         discover(joint_config(), _MemoryLimited(velocity, limit=1), clip, tmp_path / "s.h5")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "s.h5").exists()
+
+
+def test_strict_float32_turns_tf32_off_for_a_float32_job_on_a_gpu_only():
+    from directions.discover import strict_float32
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        _check_strict_float32(strict_float32)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _check_strict_float32(strict_float32) -> None:
+    flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
+    with strict_float32("cuda:0", "float32"):
+        assert flags() == (False, False)
+    assert flags() == (True, True)  # restored
+    for device, precision in (("cpu", "float32"), ("cuda", "bf16-autocast")):
+        with strict_float32(device, precision):
+            assert flags() == (True, True)
+    with pytest.raises(KeyboardInterrupt), strict_float32(torch.device("cuda"), "float32"):
+        raise KeyboardInterrupt
+    assert flags() == (True, True)
