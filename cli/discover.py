@@ -20,7 +20,7 @@ from .common import (CliError, Command, bf16_option, coarse_option, compile_opti
 DEFAULT_STORE = Path("directions.h5")
 GPU_DEMO_BATCH = 64
 """Default --batch-size for the demo model on a GPU: its calls are launch-bound, so one batch of the job's
-images is fastest (a fresh `discover-directions --attr old` on an H100: ~8.3 s instead of ~9.5 s at 16)."""
+images is fastest (a fresh `discover-directions --attr old` on an H100: 8.3-9.4 s instead of 9.1-9.7 s at 16)."""
 
 AGGREGATOR_NAMES = ("mean", "pc1", "pca", "probe", "robust", "joint")
 """--aggregator's choices (the registry's ``AGGREGATORS``; kept literal so that --help imports no torch)."""
