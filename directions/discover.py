@@ -17,8 +17,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,6 +30,7 @@ import flowgrad
 from flowgrad import FlowGradConfig, InitialPass, TimeGrid, initial_pass, integrate, invert, optimize, rmse
 from flowgrad.clip_guidance import ClipLoss, clip_score
 from flowgrad.cuda_graphs import GraphedVelocity
+from flowgrad.velocity import strict_float32
 
 from . import distributed as dist
 from .aggregate import Method, aggregate, split_half_cosine
@@ -342,26 +342,6 @@ def discover(cfg: DiscoveryConfig, velocity, clip, store_path: str | Path, *, re
     with strict_float32(device, cfg.precision):
         return _discover(cfg, velocity, clip, store_path, resume=resume, device=device, load_image=load_image,
                          progress=progress, overwrite=overwrite)
-
-
-@contextmanager
-def strict_float32(device: str | torch.device, precision: str = "float32") -> Iterator[None]:
-    """Run a "float32" job on a CUDA device in float32 proper: cuDNN convolutions and matmuls without TF32.
-
-    torch lets cuDNN use TF32 (10-bit mantissas) by default. On the demo world that moved a discovery's direction
-    by 2-17% between two runs of the same job and by ~20% between batch sizes, its scale up to 16% (one H100,
-    tests/benchmarks/RESULTS.md 4.1); in float32 runs agree to 5e-5 and batch sizes to 3e-3. Other precisions
-    ("bf16-autocast") and the CPU are left as they are; the previous flags come back afterwards.
-    """
-    if torch.device(device).type != "cuda" or precision != "float32":
-        yield
-        return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _discover(cfg: DiscoveryConfig, velocity, clip, store_path: str | Path, *, resume: bool = False,

@@ -13,12 +13,13 @@ fingerprint of its weights (which direction stores use to refuse a mismatched mo
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Velocity", "VelocityField", "check_velocity", "state_dict_fingerprint"]
+__all__ = ["Velocity", "VelocityField", "check_velocity", "state_dict_fingerprint", "strict_float32"]
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
 """Any callable ``v(x, t)``: x (B, C, H, W) in data space, t (B,) in [0, 1] -> (B, C, H, W)."""
@@ -112,3 +113,24 @@ def check_velocity(velocity: Velocity, x: Tensor, t: Tensor) -> Tensor:
             f"velocity(x, t) returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}; "
             "a velocity field must return dx/dt with the same shape as x")
     return out
+
+
+@contextmanager
+def strict_float32(device: str | torch.device, precision: str = "float32") -> Iterator[None]:
+    """Run a "float32" job on a CUDA device in float32 proper: cuDNN convolutions and matmuls without TF32.
+
+    torch lets cuDNN use TF32 (10-bit mantissas) by default, and an optimization amplifies its rounding: on the
+    demo world two runs of the same discovery gave directions 2-17% apart and batch sizes ~20% (scale up to 16%
+    off), and two runs of one `flowgrad edit` (8 faces, 100 steps, 10 iterations) edits 16-32% apart; in
+    float32 they agree to 5e-5 / 3e-3 (discovery) and 7e-4 to 6e-3 (edit) (tests/benchmarks/RESULTS.md 4.1).
+    Other precisions ("bf16-autocast") and the CPU are left as they are; the previous flags come back afterwards.
+    """
+    if torch.device(device).type != "cuda" or precision != "float32":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -230,6 +230,26 @@ def test_eval_directions_tiny_run(tmp_path: Path) -> None:
     assert "glasses" in proc.stdout and "rand 1.0" in proc.stdout
 
 
+def test_tf32_edit_benchmark_on_a_cpu_is_reproducible(tmp_path: Path) -> None:
+    """tf32_edit.py on a CPU (TF32 does nothing there): both pairs of runs, and TF32 vs float32, are equal."""
+    if not (ROOT / "data" / "demo" / "flow.pt").is_file():
+        pytest.skip("demo weights are not in data/demo")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(BENCH / "tf32_edit.py"), "--device", "cpu", "--faces", "2", "--steps", "4",
+           "--iterations", "2", "--replicas", "1", "--json", str(tmp_path / "r.json")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["card"] == "cpu" and set(report["modes"]) == {"eager"}
+    eager = report["modes"]["eager"]
+    for key in ("tf32", "fp32"):
+        assert eager[key]["runs_apart"] == 0 and eager[key]["max_pixel_diff"] == 0
+        first, second = eager[key]["best_iterations"]
+        assert first == second and len(first) == 2 and max(first) > 0  # the edits did something
+    assert eager["tf32_vs_fp32_max_pixel_diff"] == 0
+    assert "eager TF32 vs float32" in proc.stdout
+
+
 def test_aggregate_benchmark_tiny_run() -> None:
     """bench_aggregate.py runs on a real checkpoint and its two aggregations agree (uneven last batch)."""
     cmd = [sys.executable, str(BENCH / "bench_aggregate.py"), "--images", "45", "--batch-size", "8", "--steps", "2"]

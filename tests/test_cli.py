@@ -656,6 +656,39 @@ def test_edit_writes_the_three_images_and_metrics(rendered, tmp_path):
     assert np.abs(png(out / "optimized.png").astype(np.int16) - own).max() <= 1
 
 
+def test_edit_optimizes_in_float32_proper(rendered, tmp_path, monkeypatch):
+    """On a GPU, TF32 made two runs of one edit 16-32% apart (RESULTS 4.1), so the edit runs under
+    strict_float32 with the model's precision, from before any graph is captured to the end of the optimization."""
+    import contextlib
+
+    import flowgrad
+    import flowgrad.velocity
+
+    seen, inside = [], []
+    real_strict, real_optimize = flowgrad.velocity.strict_float32, flowgrad.optimize
+
+    @contextlib.contextmanager
+    def spy(device, precision="float32"):
+        seen.append((torch.device(device).type, precision))
+        inside.append(True)
+        try:
+            with real_strict(device, precision):
+                yield
+        finally:
+            inside.pop()
+
+    def optimize(*args, **kwargs):
+        assert inside, "the optimization ran outside strict_float32"
+        return real_optimize(*args, **kwargs)
+
+    monkeypatch.setattr(flowgrad.velocity, "strict_float32", spy)
+    monkeypatch.setattr(flowgrad, "optimize", optimize)
+    result = _edit(rendered["square"], tmp_path / "edit")
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert seen == [("cpu", "float32")]
+    assert json.loads((tmp_path / "edit" / "metrics.json").read_text())["tf32"] is False
+
+
 def test_edit_with_a_time_window_inverts_only_down_to_it(rendered, tmp_path):
     out = tmp_path / "edit"
     result = invoke("flowgrad", "edit", rendered["square"], "--prompt", "a photo of a smiling person", "--steps", "4",

@@ -97,10 +97,15 @@ def main() -> None:
     p.add_argument("--cuda-graphs", action="store_true", help="Run the velocity through CUDA graphs.")
     p.add_argument("--per-image-only", action="store_true",
                    help="Only per-image FlowGrad on the eval images (no direction; implies --per-image).")
+    p.add_argument("--no-tf32", action="store_true",
+                   help="Apply directions and run per-image FlowGrad without TF32 too (discovery is always "
+                        "float32 proper, directions.discover.strict_float32); default: torch's cuDNN TF32.")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = p.parse_args()
     dev = torch.device(args.device)
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     velocity = load_model("demo", device=dev)
@@ -110,6 +115,7 @@ def main() -> None:
     registry = load_registry()
     store = DirectionStore(args.store or out / "eval_directions.h5")
     report = {"card": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "settings": vars(args),
+              "cudnn_tf32": torch.backends.cudnn.allow_tf32,
               "attributes": {}}
 
     def keep_pairs(attr):
