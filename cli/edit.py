@@ -68,7 +68,7 @@ def edit(image, prompt, negative, alpha, off_axis_weight, model, model_config, b
     t = time.perf_counter()
     dev = pick_device(device)
     velocity = load_model(model, model_config, device=dev, **model_kwargs(bf16, compile_model))
-    # float32 means float32 on a GPU (no TF32): the optimization amplifies TF32 rounding into edits 16-32% apart
+    # float32 means float32 on a GPU (no TF32): the optimization amplifies TF32's rounding (RESULTS.md 4.1)
     with strict_float32(dev, precision_name(velocity)):  # before any graph is captured
         guidance = load_guidance_clip(clip, device=dev)
         velocity = maybe_graphed(velocity, dev, cuda_graphs)

@@ -121,8 +121,8 @@ def strict_float32(device: str | torch.device, precision: str = "float32") -> It
 
     torch lets cuDNN use TF32 (10-bit mantissas) by default, and an optimization amplifies its rounding: on the
     demo world two runs of the same discovery gave directions 2-17% apart and batch sizes ~20% (scale up to 16%
-    off), and two runs of one `flowgrad edit` (8 faces, 100 steps, 10 iterations) edits 16-32% apart; in
-    float32 they agree to 5e-5 / 3e-3 (discovery) and 7e-4 to 6e-3 (edit) (tests/benchmarks/RESULTS.md 4.1).
+    off), and two runs of one edit (8 faces, 100 steps, 10 iterations) up to 0.54 apart in a pixel; in float32
+    they agree to 5e-5 / 3e-3 (discovery) and 4e-4 to 2e-3 in a pixel (edit) (tests/benchmarks/RESULTS.md 4.1).
     Other precisions ("bf16-autocast") and the CPU are left as they are; the previous flags come back afterwards.
     """
     if torch.device(device).type != "cuda" or precision != "float32":
