@@ -30,6 +30,7 @@ from flowgrad.cuda_graphs import GraphedVelocity  # noqa: E402
 from flowgrad.demo import world  # noqa: E402
 from flowgrad.demo.registry import load_registry, preserve_pairs  # noqa: E402
 from flowgrad.models import load_guidance_clip, load_model  # noqa: E402
+from flowgrad.velocity import strict_float32  # noqa: E402
 
 EVAL_SEED = 777  # apply-time samples: disjoint from discovery's seed-0 latents
 
@@ -98,8 +99,8 @@ def main() -> None:
     p.add_argument("--per-image-only", action="store_true",
                    help="Only per-image FlowGrad on the eval images (no direction; implies --per-image).")
     p.add_argument("--no-tf32", action="store_true",
-                   help="Apply directions and run per-image FlowGrad without TF32 too (discovery is always "
-                        "float32 proper, directions.discover.strict_float32); default: torch's cuDNN TF32.")
+                   help="Apply directions without TF32 too (discovery and per-image FlowGrad always run in float32 "
+                        "proper, as discover-directions and flowgrad edit do); default: torch's, as apply-directions.")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = p.parse_args()
@@ -172,7 +173,8 @@ def main() -> None:
                             preserve_weight=args.preserve_weight, off_axis_weight=args.off_axis_weight,
                             fixed_augmentations=args.fixed_augmentations)
             t0 = time.perf_counter()
-            res = optimize(velocity, z0, lambda x: loss(velocity.to_image(x)), config=fg)
+            with strict_float32(dev):  # as flowgrad edit runs it
+                res = optimize(velocity, z0, lambda x: loss(velocity.to_image(x)), config=fg)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             per_image_s = (time.perf_counter() - t0) / args.eval_images
