@@ -115,11 +115,12 @@ def discover_directions(attr, prompt, negative, name, model, model_config, bf16,
     """
     setup_logging(verbose)
     from directions import distributed as dist
-    from directions.discover import DiscoveryConfig, check_name_free, discover, image_files, strict_float32
+    from directions.discover import DiscoveryConfig, check_name_free, discover, image_files
     from flowgrad import FlowGradConfig
     from flowgrad.clip_guidance import import_open_clip
     from flowgrad.demo.registry import get_attribute, load_registry, preserve_pairs
     from flowgrad.models import load_guidance_clip, load_model
+    from flowgrad.velocity import strict_float32
 
     from .images import load_image
 
