@@ -11,7 +11,10 @@ as depthwise convolutions; default: the library's ``auto``, separable only when 
 see ``flowgrad.models.ncsnpp_layers``), ``-cl`` (channels_last weights and inputs), ``-forcelayout`` (inductor's
 ``force_layout_optimization``: channels_last inside the compiled graph), ``-autotune``
 (``torch.compile(mode="max-autotune-no-cudagraphs")``), ``-gn32`` (GroupNorm in float32 as plain
-autocast does, instead of the library's bf16-in/bf16-out ``GroupNorm.keep_half``). Each config: forward
+autocast does, instead of the library's bf16-in/bf16-out ``GroupNorm.keep_half``), ``-coord`` (inductor's
+``coordinate_descent_tuning``: block sizes of its Triton pointwise/reduction kernels tuned by measurement),
+``-mm1x1`` (inductor's ``conv_1x1_as_mm``: 1×1 convolutions as matmuls it can fuse into), ``-graphs`` (the
+forward and the VJP replayed as CUDA graphs by ``flowgrad.cuda_graphs.GraphedVelocity``). Each config: forward
 and VJP (forward + backward w.r.t. the input) at ``--batch``, CUDA events, median of 3, TFLOP/s from torch's
 FLOP counter, and the smallest per-image cosine of its input gradient to strict float32 (eager, no TF32;
 first 4 images). Then, for each ``--profile`` config, a ``torch.profiler`` kernel table of one forward +
@@ -37,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import common as C  # noqa: E402
+from flowgrad.cuda_graphs import GraphedVelocity  # noqa: E402
 from flowgrad.models import ncsnpp_layers as layers  # noqa: E402
 from flowgrad.models.rectified_flow import DEFAULT_PRESET, RectifiedFlowVelocity, build_random  # noqa: E402
 
@@ -48,21 +52,26 @@ TRANSPOSE = re.compile(r"nchwToNhwc|nhwcToNchw", re.I)   # cuDNN's layout conver
 def parse(name: str) -> dict:
     parts = name.split("-")
     if parts[0] not in ("eager", "compile") or not set(parts[1:]) <= {"bench", "sepfir", "convfir", "autotune", "cl",
-                                                                "forcelayout", "gn32"}:
+                                                                "forcelayout", "gn32", "coord", "mm1x1",
+                                                                "graphs"}:
         raise SystemExit(f"--configs: cannot parse {name!r} "
-                         "(eager|compile[-bench][-sepfir|-convfir][-cl][-autotune][-forcelayout][-gn32])")
+                         "(eager|compile[-bench][-sepfir|-convfir][-cl][-autotune][-forcelayout][-gn32][-coord][-mm1x1]"
+                         "[-graphs])")
     return {"name": name, "compiled": parts[0] == "compile", "bench": "bench" in parts,
             "fir": "separable" if "sepfir" in parts else "conv" if "convfir" in parts else "auto",
             "autotune": "autotune" in parts, "cl": "cl" in parts, "forcelayout": "forcelayout" in parts,
-            "gn32": "gn32" in parts}
+            "gn32": "gn32" in parts, "coord": "coord" in parts, "mm1x1": "mm1x1" in parts,
+            "graphs": "graphs" in parts}
 
 
-def make_velocity(base, cfg: dict) -> RectifiedFlowVelocity:
+def make_velocity(base, cfg: dict) -> RectifiedFlowVelocity | GraphedVelocity:
     import torch._inductor.config as inductor_config
 
     torch._dynamo.reset()
     torch.backends.cudnn.benchmark = cfg["bench"]
     inductor_config.force_layout_optimization = cfg["forcelayout"]
+    inductor_config.coordinate_descent_tuning = cfg["coord"]
+    inductor_config.conv_1x1_as_mm = cfg["mm1x1"]
     for m in base.net.modules():
         if isinstance(m, layers.Resample):
             m.impl = cfg["fir"]
@@ -73,7 +82,15 @@ def make_velocity(base, cfg: dict) -> RectifiedFlowVelocity:
     if cfg["compiled"]:
         mode = "max-autotune-no-cudagraphs" if cfg["autotune"] else None
         v._call = torch.compile(v._run, mode=mode)
-    return v
+    return GraphedVelocity(v) if cfg["graphs"] else v
+
+
+def input_vjp(v, x: torch.Tensor, t: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """(dv/dx)^T lam: through the wrapper's graphed VJP, or autograd on an eager/compiled velocity."""
+    if isinstance(v, GraphedVelocity):
+        return v.vjp(x, t, lam)
+    leaf = x.detach().requires_grad_(True)
+    return torch.autograd.grad(v(leaf, t), leaf, grad_outputs=lam)[0]
 
 
 def fp32_input_gradient(base, x, t, lam) -> torch.Tensor:
@@ -93,8 +110,7 @@ def kernel_table(v, x, t, lam, top: int) -> dict:
     def step() -> None:
         with torch.no_grad():
             v(x, t)
-        leaf = x.detach().requires_grad_(True)
-        torch.autograd.grad(v(leaf, t), leaf, grad_outputs=lam)
+        input_vjp(v, x, t, lam)
 
     step()
     torch.cuda.synchronize()
@@ -161,8 +177,7 @@ def main() -> None:
                 return v(x, t)
 
         def vjp() -> torch.Tensor:
-            leaf = x.detach().requires_grad_(True)
-            return torch.autograd.grad(v(leaf, t), leaf, grad_outputs=lam)[0]
+            return input_vjp(v, x, t, lam)
 
         t0 = time.perf_counter()
         out, g = forward().float(), vjp().float()
@@ -192,7 +207,7 @@ def main() -> None:
                 f"; all FLOPs at the tensor-core kernels' speed: {bound:.0f} TFLOP/s", flush=True)
             for r in table["top"]:
                 print(f"    {r['s'] * 1e3:7.2f} ms {r['share']:5.1%} x{r['calls']:<4d} {r['kernel']}", flush=True)
-        del v
+        v = None  # free the graphs and compiled code before the next config
     results["elapsed_s"] = time.perf_counter() - start
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "profile_ncsnpp.json").write_text(json.dumps(results, indent=1))
