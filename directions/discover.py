@@ -559,5 +559,6 @@ def _aggregate(cfg: DiscoveryConfig, velocity, local: dict[int, tuple[dict, dict
     records = records | {"cosine_to_direction": cosine.tolist(), "inlier": inlier.tolist()}
     vector = (unit * scale).reshape(shape).astype(np.float32)
     return _direction(cfg, velocity, vector, records, settings, info, seconds,
-                      "median over images of the control's component along the unit direction", half,
+                      info.get("scale_note", "median over images of the control's component along the unit "
+                                                "direction"), half,
                       controls if cfg.keep_offsets else None)

@@ -127,7 +127,27 @@ def test_probe_recovers_a_planted_separating_normal():
     np.testing.assert_array_equal(agg.unit[dim:], 0.0)  # a control on the first Euler step only
     assert agg.info["positives"] == int(labels.sum())
     assert agg.info["probe_train_accuracy"] > 0.95
-    assert agg.scale == pytest.approx(float(np.median(controls.reshape(n, -1) @ agg.unit)))
+    # strength 1 = the labelled groups' mean separation along the normal, each half's normal on the other half
+    seps = agg.info["held_out_separation"]
+    assert len(seps) == 2 and agg.scale == pytest.approx(np.mean(seps))
+    proj = latents @ agg.unit[:dim]
+    assert agg.scale == pytest.approx(float(proj[labels].mean() - proj[~labels].mean()), rel=0.1)
+    assert agg.scale > 1.0  # not the controls' step-0 projection (~0.1 here)
+
+
+def test_probe_scale_is_measured_out_of_sample():
+    """Labels unrelated to the latents, more dimensions than images: the separator's in-sample margin is
+    large, the separation it finds on held-out latents is not, and strength 1 follows the held-out one."""
+    rng = np.random.default_rng(7)
+    latents = rng.standard_normal((60, 600))
+    labels = rng.random(60) > 0.5
+    controls = np.zeros((60, 2, 600))
+    controls[:, 0] = 0.01
+    agg = aggregate(controls, "probe", latents=latents, labels=labels)
+    proj = latents @ agg.unit[:600]
+    in_sample = float(proj[labels].mean() - proj[~labels].mean())
+    assert agg.info["probe_train_accuracy"] == 1.0 and in_sample > 5.0
+    assert agg.scale < 0.25 * in_sample
 
 
 def test_probe_needs_latents_and_both_labels():
@@ -139,13 +159,10 @@ def test_probe_needs_latents_and_both_labels():
 
 
 def test_scale_falls_back_to_median_absolute_projection_when_median_is_not_positive():
-    rng = np.random.default_rng(5)
-    latents = rng.standard_normal((60, 4))
-    w = np.array([1.0, 0.0, 0.0, 0.0])
-    labels = latents @ w > 0
-    controls = np.tile(-w.reshape(1, 1, 1, 2, 2), (60, 1, 1, 1, 1))  # every control opposes the normal
-    agg = aggregate(controls, "probe", latents=latents, labels=labels)
-    proj = controls.reshape(60, -1) @ agg.unit
+    # three small controls against the mean and one large one with it: the median projection is negative
+    controls = np.array([-1.0, -1.0, -1.0, 10.0]).reshape(4, 1, 1, 1, 1) * np.ones((1, 1, 1, 2, 2))
+    agg = aggregate(controls, "mean")
+    proj = controls.reshape(4, -1) @ agg.unit
     assert np.median(proj) < 0
     assert agg.scale == pytest.approx(float(np.median(np.abs(proj))))
     assert "scale_note" in agg.info
@@ -528,6 +545,9 @@ def test_discover_other_aggregators(discovered, demo_models, tmp_path, method):
         step0 = np.abs(d.vector[0]).sum()
         assert step0 > 0 and np.abs(d.vector[1:]).sum() == 0  # the probe normal lives in z0 space
         assert "probe_train_accuracy" in d.settings["aggregator_info"]
+        info = d.settings["aggregator_info"]  # its own unit of edit when the held-out separation is positive
+        own_unit = np.mean(info.get("held_out_separation", [0.0])) > 0
+        assert d.settings["scale_statistic"].startswith("probe: the distance") == own_unit
 
 
 def test_discover_from_a_folder_of_real_images(demo_models, tmp_path):
