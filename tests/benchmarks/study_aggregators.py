@@ -169,7 +169,8 @@ def main() -> None:
             print(f"  {method:7s} cos-to-mean {row['cosine_to_mean']:+.3f} split-half {row['split_half_cosine']:.3f} "
                   f"scale {row['scale']:.3f} | {cells}", flush=True)
         for band, st in entry["bands"].items():
-            print(f"  band t {band:8s} share of norm {st['norm_share_of_vector']:.2f}: gain {st['target_gain_mean']:+.3f} "
+            print(f"  band t {band:8s} share of norm {st['norm_share_of_vector']:.2f}: "
+                  f"gain {st['target_gain_mean']:+.3f} "
                   f"({st['gain_per_unit_norm']:+.4f} per unit), CLIP {st['clip_gain']:+.4f}, "
                   f"{100 * st['target_moved_right_way']:.1f}% right way, leak {st['max_other_abs_change']:.3f}",
                   flush=True)
