@@ -128,6 +128,9 @@ def _probe(x: np.ndarray, *, latents: np.ndarray | None = None, labels: np.ndarr
     if separations:
         info["held_out_separation"] = separations
         info["scale"] = float(np.mean(separations))
+    if not info.get("scale", 0.0) > 0:
+        info["probe_note"] = ("the normal does not separate held-out latents: no transferable edit found; strength "
+                              "1 falls back to the controls' median projection")
     return _unit(unit), info
 
 

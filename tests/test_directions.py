@@ -148,6 +148,8 @@ def test_probe_scale_is_measured_out_of_sample():
     in_sample = float(proj[labels].mean() - proj[~labels].mean())
     assert agg.info["probe_train_accuracy"] == 1.0 and in_sample > 5.0
     assert agg.scale < 0.25 * in_sample
+    assert np.mean(agg.info["held_out_separation"]) < 0  # noise: the separator does not carry over ...
+    assert "does not separate held-out latents" in agg.info["probe_note"]  # ... and the direction says so
 
 
 def test_probe_needs_latents_and_both_labels():
