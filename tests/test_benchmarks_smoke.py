@@ -290,3 +290,25 @@ def test_clip_gradient_check_on_the_committed_clip() -> None:
     assert result["old"]["zero_shot"] >= 0.9 and result["old"]["margin_response"] > 0.1
     assert result["smiling"]["margin_response"] > 0.05
     assert 0 < result["old"]["gradient_cosine"] < 0.2 and 0 < result["smiling"]["gradient_cosine"] < 0.2
+
+
+def test_study_aggregators_tiny_run(tmp_path: Path) -> None:
+    """study_aggregators.py on a CPU: every aggregator on the same controls, the bands partition the vector."""
+    if not (ROOT / "data" / "demo" / "flow.pt").is_file():
+        pytest.skip("demo weights are not in data/demo")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(BENCH / "study_aggregators.py"), "--device", "cpu", "--attrs", "smiling",
+           "--n-images", "8", "--batch-size", "8", "--eval-images", "4", "--steps", "5", "--iterations", "1",
+           "--strengths", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    entry = json.loads((tmp_path / "study_aggregators.json").read_text())["attributes"]["smiling"]
+    aggs = entry["aggregators"]
+    assert set(aggs) == {"mean", "pc1", "pca", "robust", "probe"}  # window [0, 1]: the probe runs too
+    assert aggs["mean"]["cosine_to_mean"] == pytest.approx(1.0)
+    assert all(-1.0 - 1e-9 <= a["cosine_to_mean"] <= 1.0 + 1e-9 for a in aggs.values())
+    assert {"target_gain_mean", "max_other_abs_change", "clip_gain"} <= set(aggs["mean"]["strengths"]["1.0"])
+    assert "target_gain_mean" in entry["per_image"]
+    shares = [b["norm_share_of_vector"] for b in entry["bands"].values()]
+    assert len(shares) == 3 and sum(x * x for x in shares) == pytest.approx(1.0, rel=1e-6)  # disjoint steps
+    assert len({round(b["applied_norm"], 9) for b in entry["bands"].values()}) == 1  # one norm for every band
