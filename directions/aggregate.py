@@ -104,16 +104,18 @@ def _probe(x: np.ndarray, *, latents: np.ndarray | None = None, labels: np.ndarr
     labels = np.asarray(labels).astype(int)
     if labels.min() == labels.max():
         raise ValueError("aggregator 'probe' needs images with and without the attribute (all labels equal)")
-    def fit(rows: np.ndarray) -> np.ndarray:
-        coef = LogisticRegression(C=1.0, max_iter=2000).fit(latents[rows], labels[rows]).coef_[0]
-        return coef / np.linalg.norm(coef)
 
-    everything = np.arange(len(labels))
-    normal = fit(everything)
+    def fit(rows: np.ndarray) -> LogisticRegression:
+        return LogisticRegression(C=1.0, max_iter=2000).fit(latents[rows], labels[rows])
+
+    def unit_normal(clf: LogisticRegression) -> np.ndarray:
+        return clf.coef_[0] / np.linalg.norm(clf.coef_[0])
+
+    clf = fit(np.arange(len(labels)))
+    normal = unit_normal(clf)
     unit = np.zeros(x.shape[1])
     unit[: normal.size] = normal  # step 0 occupies the first D/N entries of the flattened control
-    info = {"probe_train_accuracy": float(((latents @ normal > 0) == labels).mean()),
-            "positives": int(labels.sum())}
+    info = {"probe_train_accuracy": float(clf.score(latents, labels)), "positives": int(labels.sum())}
     # Strength 1 moves a latent by the distance between the two groups' mean positions along the normal
     # (InterFaceGAN's unit of edit), measured out of sample: each half's normal on the other half's latents.
     # In-sample it would be the margin of an overfitted separator (latents have more dimensions than there are
@@ -123,7 +125,7 @@ def _probe(x: np.ndarray, *, latents: np.ndarray | None = None, labels: np.ndarr
     for fit_rows, test_rows in (halves, halves[::-1]):
         if labels[fit_rows].min() == labels[fit_rows].max() or labels[test_rows].min() == labels[test_rows].max():
             continue
-        proj = latents[test_rows] @ fit(fit_rows)
+        proj = latents[test_rows] @ unit_normal(fit(fit_rows))
         separations.append(float(proj[labels[test_rows] == 1].mean() - proj[labels[test_rows] == 0].mean()))
     if separations:
         info["held_out_separation"] = separations
