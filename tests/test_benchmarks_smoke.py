@@ -34,6 +34,17 @@ def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _run_demo_bench(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run a benchmark script on the CPU with the committed demo weights (skip without them); it must succeed."""
+    if not (ROOT / "data" / "demo" / "flow.pt").is_file():
+        pytest.skip("demo weights are not in data/demo")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=ROOT, env=env, text=True,
+                          capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, dict]]:
     out = tmp_path_factory.mktemp("bench_out")
@@ -208,15 +219,10 @@ def test_original_refuses_batches() -> None:
 @pytest.mark.slow
 def test_eval_directions_tiny_run(tmp_path: Path) -> None:
     """eval_directions.py end to end on the demo world with tiny settings (about 30 s on CPU)."""
-    if not (ROOT / "data" / "demo" / "flow.pt").is_file():
-        pytest.skip("demo weights are not in data/demo")
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(BENCH / "eval_directions.py"), "--attrs", "glasses", "--project-out", "smiling",
-           "--n-images", "2", "--batch-size", "2", "--steps", "4", "--iterations", "2", "--replicas", "1",
-           "--eval-images", "4", "--strengths", "1", "2", "--random-control", "--per-image", "--device", "cpu",
-           "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = _run_demo_bench("eval_directions.py", "--attrs", "glasses", "--project-out", "smiling", "--n-images", "2",
+                           "--batch-size", "2", "--steps", "4", "--iterations", "2", "--replicas", "1",
+                           "--eval-images", "4", "--strengths", "1", "2", "--random-control", "--per-image",
+                           "--device", "cpu", "--out", str(tmp_path))
     report = json.loads((tmp_path / "eval_directions.json").read_text())
     assert report["card"] == "cpu" and report["project_out"] == ["smiling"]
     entry = report["attributes"]["glasses"]
@@ -232,13 +238,8 @@ def test_eval_directions_tiny_run(tmp_path: Path) -> None:
 
 def test_tf32_edit_benchmark_on_a_cpu_is_reproducible(tmp_path: Path) -> None:
     """tf32_edit.py on a CPU (TF32 does nothing there): both pairs of runs, and TF32 vs float32, are equal."""
-    if not (ROOT / "data" / "demo" / "flow.pt").is_file():
-        pytest.skip("demo weights are not in data/demo")
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(BENCH / "tf32_edit.py"), "--device", "cpu", "--faces", "2", "--steps", "4",
-           "--iterations", "2", "--replicas", "1", "--json", str(tmp_path / "r.json")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = _run_demo_bench("tf32_edit.py", "--device", "cpu", "--faces", "2", "--steps", "4", "--iterations", "2",
+                           "--replicas", "1", "--json", str(tmp_path / "r.json"))
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["card"] == "cpu" and set(report["modes"]) == {"eager"}
     eager = report["modes"]["eager"]
@@ -294,14 +295,9 @@ def test_clip_gradient_check_on_the_committed_clip() -> None:
 
 def test_study_aggregators_tiny_run(tmp_path: Path) -> None:
     """study_aggregators.py on a CPU: every aggregator on the same controls, the bands partition the vector."""
-    if not (ROOT / "data" / "demo" / "flow.pt").is_file():
-        pytest.skip("demo weights are not in data/demo")
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(BENCH / "study_aggregators.py"), "--device", "cpu", "--attrs", "smiling",
-           "--n-images", "8", "--batch-size", "8", "--eval-images", "4", "--steps", "5", "--iterations", "1",
-           "--strengths", "1", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    _run_demo_bench("study_aggregators.py", "--device", "cpu", "--attrs", "smiling", "--n-images", "8",
+                    "--batch-size", "8", "--eval-images", "4", "--steps", "5", "--iterations", "1", "--strengths", "1",
+                    "--out", str(tmp_path))
     entry = json.loads((tmp_path / "study_aggregators.json").read_text())["attributes"]["smiling"]
     aggs = entry["aggregators"]
     assert set(aggs) == {"mean", "pc1", "pca", "robust", "probe"}  # window [0, 1]: the probe runs too
