@@ -91,8 +91,13 @@ def process_group(device: str | torch.device = "auto") -> Iterator[torch.device]
     dev = init_from_env(device)
     try:
         yield dev
-    finally:
-        shutdown()
+    except BaseException:
+        shutdown()  # no barrier: the other ranks may never reach it
+        raise
+    # Leave together: a rank that tears down gloo while rank 0 is still writing its files can abort in gloo's
+    # teardown ("terminate called without an active exception", seen once in CI under load).
+    barrier()
+    shutdown()
 
 
 def shutdown() -> None:

@@ -67,3 +67,22 @@ def test_one_process_uses_the_requested_gpu(monkeypatch):
     assert dist.init_from_env(torch.device("cuda", 1)) == torch.device("cuda", 1) and current["index"] == 1
     assert dist.init_from_env("cuda") == torch.device("cuda", 1)  # no index: the current GPU
     assert dist.init_from_env("cpu") == torch.device("cpu")
+
+
+def test_process_group_leaves_together_and_skips_the_barrier_on_errors(monkeypatch):
+    """After a successful command every rank meets at a barrier before the group is torn down (a rank that tore
+    gloo down while rank 0 was still writing could abort); after an error, no barrier: the others may never come."""
+    from directions import distributed as dist
+
+    calls: list[str] = []
+    monkeypatch.setattr(dist, "init_from_env", lambda device: calls.append("init") or "cpu")
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(dist, "shutdown", lambda: calls.append("shutdown"))
+    with dist.process_group("cpu"):
+        calls.append("work")
+    assert calls == ["init", "work", "barrier", "shutdown"]
+    calls.clear()
+    with pytest.raises(RuntimeError, match="rank failed"):
+        with dist.process_group("cpu"):
+            raise RuntimeError("rank failed")
+    assert calls == ["init", "shutdown"]
