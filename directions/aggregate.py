@@ -129,8 +129,11 @@ def _probe(x: np.ndarray, *, latents: np.ndarray | None = None, labels: np.ndarr
         separations.append(float(proj[labels[test_rows] == 1].mean() - proj[labels[test_rows] == 0].mean()))
     if separations:
         info["held_out_separation"] = separations
+    if separations and np.mean(separations) > 0:
         info["scale"] = float(np.mean(separations))
-    if not info.get("scale", 0.0) > 0:
+        info["scale_note"] = ("probe: the distance between the labelled groups' mean latents along the normal, "
+                              "held out (each half's normal on the other half)")
+    else:
         info["probe_note"] = ("the normal does not separate held-out latents: no transferable edit found; strength "
                               "1 falls back to the controls' median projection")
     return _unit(unit), info
@@ -169,11 +172,8 @@ def aggregate(controls: np.ndarray, method: Method = "mean", **kwargs) -> Aggreg
     x = controls.reshape(len(controls), -1)
     unit, info = _AGGREGATORS[method](x, n_steps=controls.shape[1] if controls.ndim > 1 else 1, **kwargs)
     inlier = info.pop("inlier", np.ones(len(x), dtype=bool))
-    scale = info.pop("scale", None)  # an aggregator with its own unit of edit (probe)
-    if scale is not None and scale > 0:
-        info["scale_note"] = ("probe: the distance between the labelled groups' mean latents along the normal, "
-                              "held out (each half's normal on the other half)")
-        return Aggregate(unit=unit, scale=float(scale), per_image_cosine=_cosines(x, unit), inlier=inlier,
+    if "scale" in info:  # an aggregator with its own (positive) unit of edit, named in its scale_note: the probe
+        return Aggregate(unit=unit, scale=info.pop("scale"), per_image_cosine=_cosines(x, unit), inlier=inlier,
                          info=info)
     scale = natural_scale(x[inlier], unit)
     if not scale > 0:

@@ -42,7 +42,7 @@ from .store import Direction, DirectionStore, check_name
 log = logging.getLogger(__name__)
 
 __all__ = ["DiscoveryConfig", "BatchProgress", "augment_seed", "check_name_free", "discover", "image_files",
-           "image_seed", "job_images", "sample_latents", "partial_dir", "strict_float32"]
+           "image_seed", "job_images", "probe_labels", "sample_latents", "partial_dir", "strict_float32"]
 
 
 @dataclass(frozen=True)
@@ -513,6 +513,11 @@ def _mean_direction(cfg: DiscoveryConfig, local: dict[int, tuple[dict, dict]], o
     return unit, scale, cos_all, half
 
 
+def probe_labels(clip_before: np.ndarray) -> np.ndarray:
+    """The probe's labels: which images show the attribute before editing (CLIP score above the median)."""
+    return clip_before > np.median(clip_before)
+
+
 def _aggregate(cfg: DiscoveryConfig, velocity, local: dict[int, tuple[dict, dict]], settings: dict,
                seconds: float, device: torch.device | None = None) -> Direction:
     """Aggregate the batches of all ranks (``local`` holds this rank's: batch -> (arrays, records)).
@@ -545,9 +550,8 @@ def _aggregate(cfg: DiscoveryConfig, velocity, local: dict[int, tuple[dict, dict
     else:
         kwargs = {}
         if cfg.aggregator == "probe":
-            clip_before = np.asarray(records["clip_before"])[ok]
             kwargs = {"latents": full["latents"].reshape(len(controls), -1)[ok],
-                      "labels": clip_before > np.median(clip_before)}
+                      "labels": probe_labels(np.asarray(records["clip_before"])[ok])}
         agg = aggregate(controls[ok], cfg.aggregator, **kwargs)
         half = split_half_cosine(controls[ok], cfg.aggregator, seed=cfg.seed, **kwargs)
         unit, scale, info = agg.unit, agg.scale, agg.info

@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 from directions.aggregate import aggregate, split_half_cosine  # noqa: E402
 from directions.apply import apply_controls  # noqa: E402
-from directions.discover import DiscoveryConfig, discover, sample_latents  # noqa: E402
+from directions.discover import DiscoveryConfig, discover, probe_labels, sample_latents  # noqa: E402
 from eval_directions import judged_change, judged_stats  # noqa: E402
 from flowgrad import FlowGradConfig, optimize  # noqa: E402
 from flowgrad.clip_guidance import ClipLoss, clip_score  # noqa: E402
@@ -96,15 +96,18 @@ def main() -> None:
     before = velocity.to_image(apply_controls(velocity, z_eval, None, args.steps)).clamp(0, 1)
     jb = world.judge(before)
 
-    def edit(attr, vector: np.ndarray, strength: float) -> dict:
-        control = torch.from_numpy((vector * strength).astype(np.float32)).to(dev)
-        _, after, stats = judged_change(velocity, z_eval, control, args.steps, attr, before, jb)
-        stats["clip_gain"] = float((clip_score(clip, after, attr.prompt) - clip_score(clip, before, attr.prompt))
-                                   .mean())
-        return stats
-
     for name in args.attrs:
         attr = registry[name]
+        score_before = clip_score(clip, before, attr.prompt)
+
+        def clip_gain(images: torch.Tensor) -> float:
+            return float((clip_score(clip, images, attr.prompt) - score_before).mean())
+
+        def edit(vector: np.ndarray, strength: float) -> dict:
+            control = torch.from_numpy((vector * strength).astype(np.float32)).to(dev)
+            _, after, stats = judged_change(velocity, z_eval, control, args.steps, attr, before, jb)
+            return stats | {"clip_gain": clip_gain(after)}
+
         cfg = DiscoveryConfig(name=name, prompt=attr.prompt, negative_prompt=attr.negative_prompt,
                               n_images=args.n_images, batch_size=args.batch_size, flowgrad=fg,
                               off_axis_weight=args.off_axis_weight, keep_offsets=True)
@@ -116,8 +119,8 @@ def main() -> None:
                        "aggregators": {}, "bands": {}}
         shape = controls.shape[1:]
         latents = sample_latents(tuple(velocity.sample_shape), cfg.seed, range(args.n_images)).numpy()
-        clip_before = np.asarray(direction.records["clip_before"])[ok]
-        probe_kw = {"latents": latents[ok].reshape(int(ok.sum()), -1), "labels": clip_before > np.median(clip_before)}
+        probe_kw = {"latents": latents[ok].reshape(int(ok.sum()), -1),
+                    "labels": probe_labels(np.asarray(direction.records["clip_before"])[ok])}  # as discover labels
         methods = ["mean", "pc1", "pca", "robust"] + (["probe"] if args.t_window[0] == 0.0 else [])
         mean_unit = None
         for method in methods:
@@ -131,7 +134,7 @@ def main() -> None:
                    "strengths": {}}
             vector = (agg.unit * agg.scale).reshape(shape)
             for s in args.strengths:
-                row["strengths"][str(s)] = edit(attr, vector, s)
+                row["strengths"][str(s)] = edit(vector, s)
             entry["aggregators"][method] = row
         # per-image FlowGrad on the evaluation faces, same settings
         loss = ClipLoss(clip, attr.prompt, negative_prompt=attr.negative_prompt, source=before, alpha=cfg.alpha,
@@ -142,7 +145,7 @@ def main() -> None:
         edited = velocity.to_image(res.images).clamp(0, 1)
         entry["per_image"] = judged_stats(attr, before, edited, jb) | {
             "s": time.perf_counter() - t0,
-            "clip_gain": float((clip_score(clip, edited, attr.prompt) - clip_score(clip, before, attr.prompt)).mean())}
+            "clip_gain": clip_gain(edited)}
         # time bands of the mean direction, each rescaled to one norm
         mean_vec = (mean_unit * entry["aggregators"]["mean"]["scale"]).reshape(shape)
         norm = args.band_fraction * float(np.linalg.norm(mean_vec))
@@ -151,7 +154,7 @@ def main() -> None:
             share = float(np.linalg.norm(part) / np.linalg.norm(mean_vec))
             if share == 0.0:
                 continue
-            stats = edit(attr, part * (norm / np.linalg.norm(part)), 1.0)
+            stats = edit(part * (norm / np.linalg.norm(part)), 1.0)
             entry["bands"][f"{lo}-{hi}"] = stats | {"norm_share_of_vector": share, "applied_norm": norm,
                                                     "gain_per_unit_norm": stats["target_gain_mean"] / norm,
                                                     "clip_gain_per_unit_norm": stats["clip_gain"] / norm}
