@@ -42,7 +42,8 @@ def parse_edits(attrs: tuple[str, ...], strength: float) -> list[tuple[str, floa
 @click.option("--project-out", "project_out", multiple=True, help="Remove the component along this direction.")
 @click.option("--samples", type=int, default=None, help="Edit K fresh samples instead of image files.")
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of the samples.")
-@click.option("--steps", "n_steps", type=int, default=None, help="Euler steps (default: the direction's).")
+@click.option("--steps", "n_steps", type=int, default=None, help="Euler steps (default: 100, the paper's N, or the direction's own when it has "
+              "more; the direction is resampled to them).")
 @click.option("--model", default=None, help="Model spec (default: the one stored with the direction).")
 @click.option("--model-config", default=None)
 @click.option("--invert-method", type=click.Choice(["euler", "heun", "fixed-point"]), default="euler",
@@ -58,7 +59,8 @@ def apply_directions(images, store_path, attrs, strength, project_out, samples, 
     setup_logging(verbose)
     import torch
 
-    from directions.apply import EditSpec, apply_controls, check_compatible, compose_controls, first_active_step
+    from directions.apply import (EditSpec, apply_controls, check_compatible, compose_controls, default_apply_steps,
+                                  first_active_step)
     from directions.store import DirectionStore
     from flowgrad import rmse
     from flowgrad.models import load_model
@@ -75,7 +77,7 @@ def apply_directions(images, store_path, attrs, strength, project_out, samples, 
     velocity = load_model(model or specs[0].direction.model or "demo", model_config, device=dev)
     for d in [e.direction for e in specs] + removed:
         check_compatible(d, velocity, force=force)
-    steps = specs[0].direction.n_steps if n_steps is None else n_steps
+    steps = default_apply_steps([e.direction for e in specs]) if n_steps is None else n_steps
     control = compose_controls(specs, steps, removed).to(dev)
     eps = specs[0].direction.eps
     # Before its first active step (the direction's window start) the edit is the unedited trajectory:

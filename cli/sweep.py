@@ -18,7 +18,8 @@ from .common import Command, console, friendly_errors, pick_device, run_program,
 @click.option("--strengths", default="-2:2:9", show_default=True, help="start:stop:count or a,b,c.")
 @click.option("--samples", type=int, default=None, help="Sweep K fresh samples instead of image files.")
 @click.option("--seed", type=int, default=1, show_default=True)
-@click.option("--steps", "n_steps", type=int, default=None)
+@click.option("--steps", "n_steps", type=int, default=None,
+              help="Euler steps (default: 100, or the direction's own when it has more).")
 @click.option("--model", default=None)
 @click.option("--model-config", default=None)
 @click.option("--clip", default=None, help="CLIP for the score curve (default: the direction's).")
@@ -38,7 +39,7 @@ def plot_sweep(images, store_path, attr, strengths, samples, seed, n_steps, mode
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from directions.apply import check_compatible
+    from directions.apply import check_compatible, default_apply_steps
     from directions.store import DirectionStore
     from directions.sweep import parse_strengths, sweep, sweep_start
     from flowgrad.models import load_guidance_clip, load_model
@@ -54,7 +55,7 @@ def plot_sweep(images, store_path, attr, strengths, samples, seed, n_steps, mode
     spec = model or direction.model or "demo"
     velocity = load_model(spec, model_config, device=dev)
     check_compatible(direction, velocity, force=force)
-    steps = direction.n_steps if n_steps is None else n_steps
+    steps = default_apply_steps([direction]) if n_steps is None else n_steps
     start = sweep_start(direction, steps, removed)
     src = load_sources(velocity, images, samples, seed, steps, dev, start_step=start, eps=direction.eps,
                        reconstruct=False)
@@ -103,7 +104,7 @@ def plot_sweep(images, store_path, attr, strengths, samples, seed, n_steps, mode
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    out_path.with_suffix(".json").write_text(json.dumps({"direction": attr, "strengths": values,
+    out_path.with_suffix(".json").write_text(json.dumps({"direction": attr, "strengths": values, "n_steps": steps,
                                                          "mean": means, "per_image": rows}, indent=2) + "\n")
     console(f"sweep of {attr} over {len(values)} strengths x {n_img} images -> {out_path} "
             f"(+ {out_path.with_suffix('.csv').name}, {out_path.with_suffix('.json').name})")

@@ -15,7 +15,20 @@ from flowgrad.velocity import VelocityField
 from .store import Direction
 
 __all__ = ["resample_steps", "compose_controls", "apply_controls", "check_compatible", "EditSpec",
-           "first_active_step", "uncontrolled_state"]
+           "first_active_step", "uncontrolled_state", "APPLY_STEPS", "default_apply_steps"]
+
+APPLY_STEPS = 100
+"""Euler steps an edit is applied with unless told otherwise: the paper's N (and ``flowgrad edit``'s default).
+
+Discovery may use fewer steps to save optimization work (the demo world's recipes: 20-30); applying costs no
+optimization, and the samples of a few-step Euler integration are not the model's distribution (the demo flow's
+quality gates are measured at 100 steps; its 20-step samples read older and blurrier, RESULTS.md §4.3 round 25).
+A direction is resampled to the step count with :func:`resample_steps`."""
+
+
+def default_apply_steps(directions: Sequence[Direction]) -> int:
+    """Steps to apply ``directions`` with: :data:`APPLY_STEPS`, or the finest direction's own when it has more."""
+    return max([APPLY_STEPS, *(int(d.n_steps) for d in directions)])
 
 
 def resample_steps(vector: Tensor, n_steps: int) -> Tensor:

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from directions.apply import EditSpec, apply_controls, compose_controls  # noqa: E402
+from directions.apply import EditSpec, apply_controls, compose_controls, default_apply_steps  # noqa: E402
 from directions.discover import DiscoveryConfig, discover, sample_latents  # noqa: E402
 from directions.store import DirectionStore  # noqa: E402
 from flowgrad import FlowGradConfig, optimize  # noqa: E402
@@ -68,7 +68,10 @@ def main() -> None:
     p.add_argument("--store", default=None, help="Reuse directions from this store (skip discovery).")
     p.add_argument("--n-images", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=20, help="Euler steps of discovery (and of per-image FlowGrad).")
+    p.add_argument("--apply-steps", type=int, default=None,
+                   help="Euler steps the directions are applied with [default: apply-directions' own, 100 or the "
+                        "direction's when it has more; before 2026-11-28 this script applied with --steps].")
     p.add_argument("--iterations", type=int, default=6)
     p.add_argument("--lr", type=float, default=10.0)
     p.add_argument("--alpha", type=float, default=0.7)
@@ -144,6 +147,7 @@ def main() -> None:
         attr = registry[name]
         z0 = sample_latents(tuple(velocity.sample_shape), args.eval_seed, range(args.eval_images)).to(dev)
         entry = {"strengths": {}}
+        direction = None
         if not args.per_image_only:
             t0 = time.perf_counter()
             direction = get_direction(name)
@@ -151,12 +155,14 @@ def main() -> None:
                          split_half_cosine=direction.split_half_cosine, scale=direction.scale)
             if "status" in direction.records:
                 entry["images_ok"] = int((np.asarray(direction.records["status"]) == "ok").sum())
-        before = velocity.to_image(apply_controls(velocity, z0, None, args.steps)).clamp(0, 1)
+        steps = args.apply_steps or default_apply_steps([direction] if direction is not None else [])
+        entry["apply_steps"] = steps
+        before = velocity.to_image(apply_controls(velocity, z0, None, steps)).clamp(0, 1)
         jb = world.judge(before)
         for s in ([] if args.per_image_only else args.strengths):
             t0 = time.perf_counter()
-            control = compose_controls([EditSpec(direction, s)], args.steps, project_out=others).to(dev)
-            _, after, stats = judged_change(velocity, z0, control, args.steps, attr, before, jb)
+            control = compose_controls([EditSpec(direction, s)], steps, project_out=others).to(dev)
+            _, after, stats = judged_change(velocity, z0, control, steps, attr, before, jb)
             stats["apply_s_per_image"] = (time.perf_counter() - t0) / args.eval_images
             entry["strengths"][str(s)] = stats
             if args.random_control:
@@ -164,9 +170,12 @@ def main() -> None:
                 noise = torch.randn(control.shape, generator=gen).to(dev)
                 per_step = control.flatten(1).norm(dim=1) / noise.flatten(1).norm(dim=1).clamp_min(1e-12)
                 noise = noise * per_step.view(-1, *([1] * (control.ndim - 1)))
-                _, _, rstats = judged_change(velocity, z0, noise, args.steps, attr, before, jb)
+                _, _, rstats = judged_change(velocity, z0, noise, steps, attr, before, jb)
                 entry.setdefault("random_control", {})[str(s)] = rstats
         if args.per_image or args.per_image_only:
+            if steps != args.steps:  # per-image FlowGrad runs (and is judged) at its own step count
+                before = velocity.to_image(apply_controls(velocity, z0, None, args.steps)).clamp(0, 1)
+                jb = world.judge(before)
             keep = keep_pairs(attr) if args.preserve_weight > 0 else ()
             loss = ClipLoss(clip, attr.prompt, negative_prompt=attr.negative_prompt, source=before,
                             alpha=args.alpha, replicas=args.replicas, seed=1, preserve=keep,
@@ -190,7 +199,7 @@ def main() -> None:
     for name, e in report["attributes"].items():
         if "images_ok" in e:
             print(f"{name:12} discovery: {e['images_ok']} images ok, scale {e['scale']:.3f}, "
-                  f"split-half cosine {e['split_half_cosine']:.3f}")
+                  f"split-half cosine {e['split_half_cosine']:.3f}; applied with {e['apply_steps']} steps")
         for s, st in e["strengths"].items():
             print(f"{name:12} {s:>8} {st['target_gain_mean']:7.3f} {100 * st['target_moved_right_way']:6.1f}% "
                   f"{st['max_other_abs_change']:8.3f} {st['worst_other']:>16} {st['l1']:6.3f}"
