@@ -4,7 +4,7 @@
 # Runs the same job with 1 and 2 processes (one GPU each), then 1 again (run-to-run spread; PROCESS_COUNTS,
 # default "1 2 1", changes the sequence), prints the job seconds reported by rank 0 and the relative
 # difference of the stored directions. EXTRA_OPTIONS go to discover-directions (e.g. "--off-axis-weight 0",
-# old's settings before its registry recipe).
+# old's settings before its registry recipe; "--aggregator mean" since its recipe became the joint method).
 set -eu
 out=${1:-bench_out/scale}; n=${2:-512}; bs=${3:-32}; counts=${4:-1 2 1}; extra=${5:-}; mkdir -p "$out"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
