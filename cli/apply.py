@@ -42,8 +42,9 @@ def parse_edits(attrs: tuple[str, ...], strength: float) -> list[tuple[str, floa
 @click.option("--project-out", "project_out", multiple=True, help="Remove the component along this direction.")
 @click.option("--samples", type=int, default=None, help="Edit K fresh samples instead of image files.")
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of the samples.")
-@click.option("--steps", "n_steps", type=int, default=None, help="Euler steps (default: 100, the paper's N, or the direction's own when it has "
-              "more; the direction is resampled to them).")
+@click.option("--steps", "n_steps", type=int, default=None,
+              help="Euler steps (default: 100, the paper's N, or the direction's own when it has more; the "
+                   "direction is resampled to them).")
 @click.option("--model", default=None, help="Model spec (default: the one stored with the direction).")
 @click.option("--model-config", default=None)
 @click.option("--invert-method", type=click.Choice(["euler", "heun", "fixed-point"]), default="euler",

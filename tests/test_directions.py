@@ -888,3 +888,15 @@ def _check_strict_float32(strict_float32) -> None:
     with pytest.raises(KeyboardInterrupt), strict_float32(torch.device("cuda"), "float32"):
         raise KeyboardInterrupt
     assert flags() == (True, True)
+
+
+def test_default_apply_steps_is_the_papers_n_unless_a_direction_is_finer():
+    from directions.apply import APPLY_STEPS, default_apply_steps
+
+    def made_with(n: int) -> Direction:
+        return Direction.from_vector(f"d{n}", np.ones((n, 1, 2, 2), np.float32), "p")
+
+    assert APPLY_STEPS == 100
+    assert default_apply_steps([made_with(20)]) == 100  # discovery's few steps are not the sampling default
+    assert default_apply_steps([made_with(20), made_with(150)]) == 150  # never coarser than a composed direction
+    assert default_apply_steps([]) == 100

@@ -155,7 +155,8 @@ def main() -> None:
                          split_half_cosine=direction.split_half_cosine, scale=direction.scale)
             if "status" in direction.records:
                 entry["images_ok"] = int((np.asarray(direction.records["status"]) == "ok").sum())
-        steps = args.apply_steps or default_apply_steps([direction] if direction is not None else [])
+        # apply as apply-directions does; with --per-image-only the unedited faces are per-image FlowGrad's
+        steps = args.apply_steps or (args.steps if direction is None else default_apply_steps([direction]))
         entry["apply_steps"] = steps
         before = velocity.to_image(apply_controls(velocity, z0, None, steps)).clamp(0, 1)
         jb = world.judge(before)
