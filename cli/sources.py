@@ -43,7 +43,8 @@ def load_sources(velocity, images: tuple[str, ...], samples: int | None, seed: i
     """
     from directions.apply import uncontrolled_state
     from directions.discover import sample_latents
-    from flowgrad import TimeGrid, invert, reconstruction_error
+    from flowgrad import TimeGrid, integrate, invert, rmse
+    from flowgrad.batching import map_batches
 
     if images and samples:
         raise CliError("give image files or --samples K, not both")
@@ -63,12 +64,15 @@ def load_sources(velocity, images: tuple[str, ...], samples: int | None, seed: i
         raise CliError(str(exc)) from None
     x1 = velocity.from_image(originals)
     grid = TimeGrid.uniform(n_steps, eps).sub(start_step)
-    z0 = invert(velocity, x1, grid, method=invert_method)
+    # in batches that fit (halved on out-of-memory, nothing lost)
+    z0 = map_batches(lambda x: invert(velocity, x, grid, method=invert_method), x1, velocity=velocity)
     labels = _unique_labels([Path(p).stem for p in images])
     if not reconstruct:
         return Sources(z0, originals, labels, None, notices)
-    _, rmse = reconstruction_error(velocity, x1, z0, grid)
-    return Sources(z0, originals, labels, rmse_list(rmse), notices)
+    rows = torch.arange(len(x1), device=x1.device)
+    errors = map_batches(lambda i: rmse(integrate(velocity, z0[i], grid, keep_states=False).final, x1[i]), rows,
+                         velocity=velocity)
+    return Sources(z0, originals, labels, rmse_list(errors), notices)
 
 
 def rmse_list(rmse: Tensor) -> list[float]:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from flowgrad import TimeGrid, integrate
+from flowgrad.batching import map_batches
 from flowgrad.velocity import VelocityField
 
 from .store import Direction
@@ -126,7 +127,8 @@ def uncontrolled_state(velocity, z0: Tensor, n_steps: int, step: int, eps: float
     """(B, C, H, W) the state x_step of the unedited trajectory from the latents ``z0`` (z0 for step 0)."""
     if step == 0:
         return z0
-    return integrate(velocity, z0, TimeGrid.uniform(n_steps, eps).sub(0, step), keep_states=False).final
+    grid = TimeGrid.uniform(n_steps, eps).sub(0, step)
+    return map_batches(lambda z: integrate(velocity, z, grid, keep_states=False).final, z0, velocity=velocity)
 
 
 @torch.no_grad()
@@ -144,5 +146,10 @@ def apply_controls(velocity, z0: Tensor, control: Tensor | None, n_steps: int,
             raise ValueError(f"the control is nonzero before step {start_step}, where these trajectories start")
         grid = grid.sub(start_step)
         control = None if control is None else control[start_step:]
-    controls = None if control is None else control.to(z0).unsqueeze(1).expand(grid.n_steps, *z0.shape)
-    return integrate(velocity, z0, grid, controls, keep_states=False).final
+    control = None if control is None else control.to(z0)
+
+    def run(z: Tensor) -> Tensor:
+        controls = None if control is None else control.unsqueeze(1).expand(grid.n_steps, *z.shape)
+        return integrate(velocity, z, grid, controls, keep_states=False).final
+
+    return map_batches(run, z0, velocity=velocity)

@@ -28,8 +28,8 @@ from torch import Tensor
 
 import flowgrad
 from flowgrad import FlowGradConfig, InitialPass, TimeGrid, initial_pass, integrate, invert, optimize, rmse
+from flowgrad.batching import OutOfMemory, release_memory
 from flowgrad.clip_guidance import ClipLoss, clip_score
-from flowgrad.cuda_graphs import GraphedVelocity
 from flowgrad.velocity import strict_float32
 
 from . import distributed as dist
@@ -250,9 +250,6 @@ def _batch_inputs(cfg: DiscoveryConfig, velocity, idx: Sequence[int], device: to
     return z0, images, [str(files[i]) for i in idx], rmse(recon, x1).cpu(), start
 
 
-_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-
-
 def _run_batch(cfg: DiscoveryConfig, velocity, clip, b: int, device: torch.device, load_image,
                report: Callable[[int, float], None],
                indices: Sequence[int] | None = None) -> tuple[dict[str, np.ndarray], dict[str, list]]:
@@ -260,16 +257,13 @@ def _run_batch(cfg: DiscoveryConfig, velocity, clip, b: int, device: torch.devic
     idx = list(cfg.batch_indices(b) if indices is None else indices)
     try:
         return _optimize_images(cfg, velocity, clip, idx, device, load_image, report)
-    except _OOM:
-        if isinstance(velocity, GraphedVelocity):  # graphs captured for the failed size hold memory
-            velocity.reset()
+    except OutOfMemory:
         if len(idx) == 1:
             raise RuntimeError(f"out of {device.type.upper()} memory with a single image; free memory, "
                                "use fewer --steps or --device cpu") from None
     # Halve and continue (outside the handler, so the failed attempt's tensors are freed first); both
     # halves run now, so the batch is stored complete and nothing is lost.
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_memory(velocity)
     half = len(idx) // 2
     log.warning("batch %d: out of memory with %d images; continuing in halves of %d and %d",
                 b, len(idx), half, len(idx) - half)

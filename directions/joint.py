@@ -18,6 +18,10 @@ disjoint halves of the images along the shared optimization; the per-image cosin
 between each image's own descent direction (its negative gradient at the last evaluated control)
 and the direction.
 
+Out of memory: a batch that does not fit is halved, and its halves (and theirs, down to single images)
+run in its place for the rest of the job; every image's loss and gradient are its own (seeded per
+image), so the result is the whole batch's up to floating-point summation order and nothing is lost.
+
 Resumable: the state after every iteration is checkpointed (a job continues from the last finished
 iteration); under torchrun each rank takes the batches ``b % world == rank`` and gradients meet in an
 all-reduce, so the result equals a one-process run up to floating-point summation order.
@@ -25,6 +29,7 @@ all-reduce, so the result equals a one-process run up to floating-point summatio
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +40,7 @@ from torch import Tensor
 
 from flowgrad import integrate
 from flowgrad.backprop import backward_sweep, loss_and_adjoint
+from flowgrad.batching import OutOfMemory, release_memory
 from flowgrad.clip_guidance import ClipLoss, clip_score
 from flowgrad.segments import straightness_segments
 
@@ -42,6 +48,8 @@ from . import distributed as dist
 from .seeds import augment_seed
 
 __all__ = ["JointResult", "optimize_joint"]
+
+log = logging.getLogger(__name__)
 
 BatchInputs = Callable[[Sequence[int]], tuple[Tensor, Tensor, list[str], Tensor]]
 """``inputs(indices) -> (z0, source images, source labels, reconstruction RMSE)``."""
@@ -72,12 +80,24 @@ def _halves(n: int, seed: int) -> np.ndarray:
     return half
 
 
-_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+def _single_image_out_of_memory(device: torch.device) -> RuntimeError:
+    return RuntimeError(f"out of {device.type.upper()} memory with a single image; free memory, "
+                        "use fewer --steps or --device cpu")
 
 
-def _out_of_memory(device: torch.device, batch: int) -> RuntimeError:
-    return RuntimeError(f"out of {device.type.upper()} memory with {batch} images per batch; the joint "
-                        "method needs whole batches: rerun with a smaller --batch-size")
+def _inputs_in_parts(inputs: BatchInputs, idx: list[int], velocity, device: torch.device):
+    """``inputs(idx)``, made in halves (recursively) when the whole batch runs out of memory."""
+    try:
+        return inputs(idx)
+    except OutOfMemory:
+        if len(idx) == 1:
+            raise _single_image_out_of_memory(device) from None
+    release_memory(velocity)  # outside the handler: the failed attempt's tensors are gone
+    h = len(idx) // 2
+    log.warning("images %d-%d: out of memory making %d inputs; making them in halves of %d and %d",
+                idx[0], idx[-1], len(idx), h, len(idx) - h)
+    a, b = _inputs_in_parts(inputs, idx[:h], velocity, device), _inputs_in_parts(inputs, idx[h:], velocity, device)
+    return torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]), list(a[2]) + list(b[2]), torch.cat([a[3], b[3]])
 
 
 def _batch_pass(cfg, velocity, clip, loss, w: Tensor, z0: Tensor, grid):
@@ -139,16 +159,45 @@ def optimize_joint(cfg, velocity, clip, inputs: BatchInputs, ckpt, device: torch
         dots = arrays["dots"]
         start = k + 1
 
-    try:
-        cache = {b: inputs(list(cfg.batch_indices(b))) for b in mine}
-    except _OOM:
-        raise _out_of_memory(device, cfg.batch_size) from None
-    # One loss per batch (text embeddings once); its augmentation draws are reseeded per (image, iteration).
-    losses_of = {b: ClipLoss(clip, cfg.prompt, negative_prompt=negative, source=cache[b][1], alpha=cfg.alpha,
-                             replicas=cfg.replicas, preserve=preserve, preserve_weight=cfg.preserve_weight,
-                             off_axis_weight=cfg.off_axis_weight,
-                             fixed_augmentations=cfg.fixed_augmentations)
-                 for b in mine}
+    cache = {b: _inputs_in_parts(inputs, list(cfg.batch_indices(b)), velocity, device) for b in mine}
+
+    def make_loss(source: Tensor) -> ClipLoss:
+        return ClipLoss(clip, cfg.prompt, negative_prompt=negative, source=source, alpha=cfg.alpha,
+                        replicas=cfg.replicas, preserve=preserve, preserve_weight=cfg.preserve_weight,
+                        off_axis_weight=cfg.off_axis_weight, fixed_augmentations=cfg.fixed_augmentations)
+
+    # Each batch runs as parts: (positions in the batch, their loss). One part (the whole batch) until it runs out
+    # of memory; then halves, kept for the rest of the job. One loss per part (text embeddings once); its
+    # augmentation draws are reseeded per (image, iteration).
+    parts = {b: [(list(range(len(cache[b][2]))), make_loss(cache[b][1]))] for b in mine}
+
+    def batch_pass(b: int, idx: list[int], it: int, wt: Tensor):
+        """:func:`_batch_pass` over batch ``b``'s parts, joined in image order."""
+        outs, k = [], 0
+        while k < len(parts[b]):
+            pos, loss = parts[b][k]
+            # each image's own draws, restarted per iteration (fixed augmentations: iteration 0's draw in every
+            # pass, also after a --resume)
+            loss.reseed([augment_seed(cfg.seed, idx[p], 0 if cfg.fixed_augmentations else it) for p in pos])
+            z0 = cache[b][0] if len(pos) == len(idx) else cache[b][0][pos]
+            try:
+                outs.append(_batch_pass(cfg, velocity, clip, loss, wt, z0, grid))
+                k += 1
+                continue
+            except OutOfMemory:
+                if len(pos) == 1:
+                    raise _single_image_out_of_memory(device) from None
+            release_memory(velocity)
+            h = len(pos) // 2
+            log.warning("batch %d: out of memory with %d images; continuing in halves of %d and %d",
+                        b, len(pos), h, len(pos) - h)
+            source = cache[b][1]
+            parts[b][k:k + 1] = [(pos[:h], make_loss(source[pos[:h]])), (pos[h:], make_loss(source[pos[h:]]))]
+        if len(outs) == 1:
+            return outs[0]
+        return (torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]), torch.cat([o[2] for o in outs]),
+                torch.cat([o[3] for o in outs], dim=1))
+
     for it in range(start, iters + 1):
         last = it == iters  # the final evaluation: its gradients only give the per-image cosines
         wt = torch.from_numpy(w).to(device)
@@ -158,14 +207,7 @@ def optimize_joint(cfg, velocity, clip, inputs: BatchInputs, ckpt, device: torch
         running = []
         for j, b in enumerate(mine):
             idx = list(cfg.batch_indices(b))
-            loss = losses_of[b]
-            # each image's own draws, restarted per iteration (fixed augmentations: iteration 0's draw in every
-            # pass, also after a --resume)
-            loss.reseed([augment_seed(cfg.seed, i, 0 if cfg.fixed_augmentations else it) for i in idx])
-            try:
-                losses, ok, clips, grads = _batch_pass(cfg, velocity, clip, loss, wt, cache[b][0], grid)
-            except _OOM:
-                raise _out_of_memory(device, len(idx)) from None
+            losses, ok, clips, grads = batch_pass(b, idx, it, wt)
             grads = grads * window.unsqueeze(1)
             if last:
                 flat = -grads.transpose(0, 1).flatten(1)

@@ -858,10 +858,28 @@ def test_joint_refuses_keep_offsets():
     assert "\n" not in str(err.value)
 
 
-def test_joint_out_of_memory_is_a_one_line_error(demo_models, tmp_path):
+def test_joint_halves_a_batch_on_out_of_memory_and_gives_the_whole_batch_result(joint_discovered, demo_models,
+                                                                                tmp_path, caplog):
     velocity, clip = demo_models
-    with pytest.raises(RuntimeError, match="out of CPU memory with 2 images per batch.*smaller --batch-size") as err:
-        discover(joint_config(), _MemoryLimited(velocity, limit=1), clip, tmp_path / "s.h5")
+    limited = _MemoryLimited(velocity, limit=1)
+    with caplog.at_level("WARNING", logger="directions.joint"):
+        d = discover(joint_config(), limited, clip, tmp_path / "s.h5")
+    assert limited.largest == 1
+    # the inputs of both batches of 2, then each batch's first pass; later passes reuse the halves
+    assert caplog.text.count("out of memory making 2 inputs; making them in halves of 1 and 1") == 2
+    assert caplog.text.count("out of memory with 2 images; continuing in halves of 1 and 1") == 2
+    stored = DirectionStore(tmp_path / "s.h5").read("old")
+    np.testing.assert_array_equal(stored.records["index"], [0, 1, 2, 3])
+    np.testing.assert_array_equal(stored.vector, d.vector)
+    _assert_same_result(d, joint_discovered[0])  # every image's loss is its own: the halves give the whole
+    for column in ("clip_before", "clip_after", "cosine_to_direction"):
+        np.testing.assert_allclose(d.records[column], joint_discovered[0].records[column], rtol=1e-4, atol=1e-6)
+
+
+def test_joint_out_of_memory_with_one_image_is_a_one_line_error(demo_models, tmp_path):
+    velocity, clip = demo_models
+    with pytest.raises(RuntimeError, match="out of CPU memory with a single image") as err:
+        discover(joint_config(), _MemoryLimited(velocity, limit=0), clip, tmp_path / "s.h5")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "s.h5").exists()
 
