@@ -56,6 +56,23 @@ def test_each_model_loads_with_the_parameter_count_of_its_manifest_entry():
     assert not any(p.requires_grad for p in judge_net.parameters())
 
 
+def test_the_cpu_flow_keeps_channels_last_weights_with_the_contiguous_outputs_and_fingerprint():
+    flow = world.load_demo_flow()
+    convs = [m.weight for m in flow.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+    plain = world.load_demo_flow().to(memory_format=torch.contiguous_format)
+    assert all(m.weight.is_contiguous() for m in plain.modules() if isinstance(m, torch.nn.Conv2d))
+    assert flow.fingerprint() == plain.fingerprint()
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.1, 0.5, 0.9])
+    with torch.no_grad():
+        assert torch.allclose(flow(x, t), plain(x, t), rtol=1e-5, atol=1e-5)
+    leaf, lam = x.clone().requires_grad_(True), torch.randn_like(x)
+    (g1,) = torch.autograd.grad(flow(leaf, t), leaf, lam)
+    (g2,) = torch.autograd.grad(plain(leaf, t), leaf, lam)
+    assert torch.allclose(g1, g2, rtol=1e-4, atol=1e-5)
+
+
 def test_two_image_smoke_sample_is_a_nonblank_image_the_judge_reads():
     from flowgrad.demo.evaluate import sample_images
 
