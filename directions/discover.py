@@ -35,7 +35,7 @@ from flowgrad.velocity import strict_float32
 from . import distributed as dist
 from .aggregate import Method, aggregate, split_half_cosine
 from .checkpoint import JobCheckpoint
-from .joint import optimize_joint
+from .joint import optimize_joint, single_image_out_of_memory
 from .seeds import augment_seed, image_seed
 from .store import Direction, DirectionStore, check_name
 
@@ -259,8 +259,7 @@ def _run_batch(cfg: DiscoveryConfig, velocity, clip, b: int, device: torch.devic
         return _optimize_images(cfg, velocity, clip, idx, device, load_image, report)
     except OutOfMemory:
         if len(idx) == 1:
-            raise RuntimeError(f"out of {device.type.upper()} memory with a single image; free memory, "
-                               "use fewer --steps or --device cpu") from None
+            raise single_image_out_of_memory(device) from None
     # Halve and continue (outside the handler, so the failed attempt's tensors are freed first); both
     # halves run now, so the batch is stored complete and nothing is lost.
     release_memory(velocity)

@@ -80,7 +80,8 @@ def _halves(n: int, seed: int) -> np.ndarray:
     return half
 
 
-def _single_image_out_of_memory(device: torch.device) -> RuntimeError:
+def single_image_out_of_memory(device: torch.device) -> RuntimeError:
+    """The error for a single image that does not fit (nothing left to halve); per-image discovery uses it too."""
     return RuntimeError(f"out of {device.type.upper()} memory with a single image; free memory, "
                         "use fewer --steps or --device cpu")
 
@@ -91,7 +92,7 @@ def _inputs_in_parts(inputs: BatchInputs, idx: list[int], velocity, device: torc
         return inputs(idx)
     except OutOfMemory:
         if len(idx) == 1:
-            raise _single_image_out_of_memory(device) from None
+            raise single_image_out_of_memory(device) from None
     release_memory(velocity)  # outside the handler: the failed attempt's tensors are gone
     h = len(idx) // 2
     log.warning("images %d-%d: out of memory making %d inputs; making them in halves of %d and %d",
@@ -186,7 +187,7 @@ def optimize_joint(cfg, velocity, clip, inputs: BatchInputs, ckpt, device: torch
                 continue
             except OutOfMemory:
                 if len(pos) == 1:
-                    raise _single_image_out_of_memory(device) from None
+                    raise single_image_out_of_memory(device) from None
             release_memory(velocity)
             h = len(pos) // 2
             log.warning("batch %d: out of memory with %d images; continuing in halves of %d and %d",
