@@ -28,7 +28,7 @@ from torch import Tensor
 
 import flowgrad
 from flowgrad import FlowGradConfig, InitialPass, TimeGrid, initial_pass, integrate, invert, optimize, rmse
-from flowgrad.batching import OutOfMemory, release_memory
+from flowgrad.batching import in_halves
 from flowgrad.clip_guidance import ClipLoss, clip_score
 from flowgrad.velocity import strict_float32
 
@@ -251,26 +251,19 @@ def _batch_inputs(cfg: DiscoveryConfig, velocity, idx: Sequence[int], device: to
 
 
 def _run_batch(cfg: DiscoveryConfig, velocity, clip, b: int, device: torch.device, load_image,
-               report: Callable[[int, float], None],
-               indices: Sequence[int] | None = None) -> tuple[dict[str, np.ndarray], dict[str, list]]:
-    """Optimize the images of batch ``b`` (or the ``indices`` subset of it, after an out-of-memory)."""
-    idx = list(cfg.batch_indices(b) if indices is None else indices)
-    try:
-        return _optimize_images(cfg, velocity, clip, idx, device, load_image, report)
-    except OutOfMemory:
-        if len(idx) == 1:
-            raise single_image_out_of_memory(device) from None
-    # Halve and continue (outside the handler, so the failed attempt's tensors are freed first); both
-    # halves run now, so the batch is stored complete and nothing is lost.
-    release_memory(velocity)
-    half = len(idx) // 2
-    log.warning("batch %d: out of memory with %d images; continuing in halves of %d and %d",
-                b, len(idx), half, len(idx) - half)
-    parts = [_run_batch(cfg, velocity, clip, b, device, load_image, report, idx[:half]),
-             _run_batch(cfg, velocity, clip, b, device, load_image, report, idx[half:])]
-    arrays = {k: np.concatenate([a[k] for a, _ in parts]) for k in parts[0][0]}
-    records = {k: list(parts[0][1][k]) + list(parts[1][1][k]) for k in parts[0][1]}
-    return arrays, records
+               report: Callable[[int, float], None]) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    """Optimize the images of batch ``b``. After an out-of-memory, its halves run now (recursively), so the
+    batch is stored complete and nothing is lost."""
+    def halved(n: int, h: int) -> None:
+        log.warning("batch %d: out of memory with %d images; continuing in halves of %d and %d", b, n, h, n - h)
+
+    def join(a, c):
+        return ({k: np.concatenate([a[0][k], c[0][k]]) for k in a[0]},
+                {k: list(a[1][k]) + list(c[1][k]) for k in a[1]})
+
+    return in_halves(lambda idx: _optimize_images(cfg, velocity, clip, idx, device, load_image, report),
+                     cfg.batch_indices(b), join, velocity=velocity, too_large=single_image_out_of_memory(device),
+                     on_halve=halved)
 
 
 def _optimize_images(cfg: DiscoveryConfig, velocity, clip, idx: list[int], device: torch.device,

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from flowgrad import integrate
 from flowgrad.backprop import backward_sweep, loss_and_adjoint
-from flowgrad.batching import OutOfMemory, release_memory
+from flowgrad.batching import OutOfMemory, in_halves, release_memory
 from flowgrad.clip_guidance import ClipLoss, clip_score
 from flowgrad.segments import straightness_segments
 
@@ -88,17 +88,15 @@ def single_image_out_of_memory(device: torch.device) -> RuntimeError:
 
 def _inputs_in_parts(inputs: BatchInputs, idx: list[int], velocity, device: torch.device):
     """``inputs(idx)``, made in halves (recursively) when the whole batch runs out of memory."""
-    try:
-        return inputs(idx)
-    except OutOfMemory:
-        if len(idx) == 1:
-            raise single_image_out_of_memory(device) from None
-    release_memory(velocity)  # outside the handler: the failed attempt's tensors are gone
-    h = len(idx) // 2
-    log.warning("images %d-%d: out of memory making %d inputs; making them in halves of %d and %d",
-                idx[0], idx[-1], len(idx), h, len(idx) - h)
-    a, b = _inputs_in_parts(inputs, idx[:h], velocity, device), _inputs_in_parts(inputs, idx[h:], velocity, device)
-    return torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]), list(a[2]) + list(b[2]), torch.cat([a[3], b[3]])
+    def halved(n: int, h: int) -> None:
+        log.warning("images %d-%d: out of memory making %d inputs; making them in halves of %d and %d",
+                    idx[0], idx[-1], n, h, n - h)
+
+    def join(a, b):
+        return torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]), list(a[2]) + list(b[2]), torch.cat([a[3], b[3]])
+
+    return in_halves(inputs, idx, join, velocity=velocity, too_large=single_image_out_of_memory(device),
+                     on_halve=halved)
 
 
 def _batch_pass(cfg, velocity, clip, loss, w: Tensor, z0: Tensor, grid):

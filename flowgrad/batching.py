@@ -8,14 +8,17 @@ image) and keeps the smaller size for the rest, so rows already done are kept an
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["OutOfMemory", "map_batches", "release_memory"]
+__all__ = ["OutOfMemory", "in_halves", "map_batches", "release_memory"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 """The error torch raises when a device runs out of memory."""
@@ -30,6 +33,31 @@ def release_memory(velocity=None) -> None:
         velocity.reset()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def in_halves(fn: Callable[[list[Any]], T], items: Sequence[Any], join: Callable[[T, T], T], *, velocity=None,
+              too_large: Exception | None = None, on_halve: Callable[[int, int], None] | None = None) -> T:
+    """``fn(items)``; after an out-of-memory, ``join(fn(first half), fn(second half))``, halving recursively.
+
+    Both halves run at once (a caller that must store the whole batch gets it complete). Between the
+    failed attempt and the halves, ``velocity``'s memory is released (:func:`release_memory`) and
+    ``on_halve(n, first_half)`` is called (e.g. to log). A single item that does not fit raises
+    ``too_large`` (default: the out-of-memory error itself).
+    """
+    items = list(items)
+    try:
+        return fn(items)
+    except OutOfMemory:
+        if len(items) == 1:
+            if too_large is None:
+                raise
+            raise too_large from None
+    release_memory(velocity)  # outside the handler, so the failed attempt's tensors are freed first
+    h = len(items) // 2
+    if on_halve is not None:
+        on_halve(len(items), h)
+    again = {"velocity": velocity, "too_large": too_large, "on_halve": on_halve}
+    return join(in_halves(fn, items[:h], join, **again), in_halves(fn, items[h:], join, **again))
 
 
 def map_batches(fn: Callable[[Tensor], Tensor], x: Tensor, *, batch_size: int | None = None,

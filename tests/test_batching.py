@@ -7,7 +7,7 @@ import torch
 from fields import ConvField
 
 from directions.apply import apply_controls, uncontrolled_state
-from flowgrad.batching import OutOfMemory, map_batches
+from flowgrad.batching import OutOfMemory, in_halves, map_batches
 
 
 class _Limited:
@@ -49,6 +49,32 @@ def test_a_single_row_that_does_not_fit_raises_the_out_of_memory_error():
     with pytest.raises(OutOfMemory):
         map_batches(fn, torch.zeros(4, 2))
     assert fn.sizes == [4, 2, 1]
+
+
+def test_in_halves_runs_both_halves_recursively_and_joins_them_in_order():
+    calls, halved = [], []
+
+    def fn(items):
+        calls.append(list(items))
+        if len(items) > 2:
+            raise OutOfMemory("CUDA out of memory")
+        return [i * 10 for i in items]
+
+    out = in_halves(fn, range(5), lambda a, b: a + b, on_halve=lambda n, h: halved.append((n, h)))
+    assert out == [0, 10, 20, 30, 40]
+    assert calls == [[0, 1, 2, 3, 4], [0, 1], [2, 3, 4], [2], [3, 4]] and halved == [(5, 2), (3, 1)]
+    assert in_halves(fn, [7, 8], lambda a, b: a + b) == [70, 80]  # fits: one call, no join
+
+
+def test_in_halves_raises_the_given_error_or_the_out_of_memory_for_one_item_that_does_not_fit():
+    def never(items):
+        raise OutOfMemory("CUDA out of memory")
+
+    with pytest.raises(OutOfMemory):
+        in_halves(never, [1, 2], lambda a, b: a + b)
+    with pytest.raises(RuntimeError, match="single image") as err:
+        in_halves(never, [1, 2, 3], lambda a, b: a + b, too_large=RuntimeError("out of memory with a single image"))
+    assert not isinstance(err.value, OutOfMemory)
 
 
 def test_applying_a_control_gives_the_same_states_when_memory_forces_smaller_batches():
