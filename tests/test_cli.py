@@ -487,7 +487,7 @@ def test_errors_in_a_real_process_print_exactly_one_line(store, tmp_path):
 
 @pytest.mark.parametrize("argv, fragment", [
     (["discover-directions", "--attr", "old", "--batch-size", "x"], "'--batch-size': 'x' is not a valid integer"),
-    (["apply-directions", "--bogus"], "No such option '--bogus'"),
+    (["apply-directions", "--bogus"], ("No such option", "--bogus")),  # click 8.2 and 8.3+ quote it differently
     (["plot-sweep", "--strengths"], "'--strengths' requires an argument"),
     (["flowgrad", "nosuch"], "No such command 'nosuch'"),
     (["flowgrad", "demo", "train", "--blur", "-1"], "'--blur': -1.0 is not in the range"),
@@ -497,7 +497,7 @@ def test_errors_in_a_real_process_print_exactly_one_line(store, tmp_path):
 ])
 def test_usage_errors_are_one_line(argv, fragment):
     result = invoke(*argv)
-    assert_cli_error(result, fragment, "(see --help)")
+    assert_cli_error(result, *((fragment,) if isinstance(fragment, str) else fragment), "(see --help)")
 
 
 @pytest.mark.parametrize("option, value, fragment", [

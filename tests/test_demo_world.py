@@ -70,7 +70,8 @@ def test_the_cpu_flow_keeps_channels_last_weights_with_the_contiguous_outputs_an
     leaf, lam = x.clone().requires_grad_(True), torch.randn_like(x)
     (g1,) = torch.autograd.grad(flow(leaf, t), leaf, lam)
     (g2,) = torch.autograd.grad(plain(leaf, t), leaf, lam)
-    assert torch.allclose(g1, g2, rtol=1e-4, atol=1e-5)
+    # other convolution algorithms, other summation orders: float32 rounding, far below 1e-3
+    assert float((g1 - g2).norm() / g2.norm()) < 1e-5
 
 
 def test_two_image_smoke_sample_is_a_nonblank_image_the_judge_reads():
