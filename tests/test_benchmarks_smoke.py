@@ -201,6 +201,9 @@ def test_original_straightness_wraps_around_at_step_zero() -> None:
                       velocity_sq_norms=sq, velocity_diff_sq_norms=diff)
     # flowgrad's rule is one-sided at step 0, so the first segment runs on to the bend.
     assert segment_steps(straightness(traj)[:, 0].tolist(), 0.5) == Segmentation((0, 5), (5, 1))
+    # wrap=False (the quality benchmark's switch) gives flowgrad's segmentation
+    assert orig.original_straightness(preds, threshold=0.5, wrap=False) == {"indices": [0, 5],
+                                                                            "length": {0: 5, 5: 1}}
 
 
 def test_original_inversion_equals_flowgrad_euler() -> None:
@@ -308,3 +311,23 @@ def test_study_aggregators_tiny_run(tmp_path: Path) -> None:
     shares = [b["norm_share_of_vector"] for b in entry["bands"].values()]
     assert len(shares) == 3 and sum(x * x for x in shares) == pytest.approx(1.0, rel=1e-6)  # disjoint steps
     assert len({round(b["applied_norm"], 9) for b in entry["bands"].values()}) == 1  # one norm for every band
+
+
+def test_quality_vs_original_reports_both_implementations_on_the_same_images(tmp_path: Path) -> None:
+    """quality_vs_original.py, tiny settings: both worlds report CLIP gain, L1 and time per implementation; on a
+    random NCSN++ (every step bends, so both back-propagate exactly) ours reproduces the original's edit."""
+    tiny = ("--n-images", "2", "--steps", "4", "--iterations", "2", "--replicas", "2", "--device", "cpu")
+    _run_demo_bench("quality_vs_original.py", "--world", "demo", "--attr", "old", *tiny,
+                    "--json", str(tmp_path / "demo.json"))
+    demo = json.loads((tmp_path / "demo.json").read_text())
+    for name in ("original", "ours"):
+        r = demo[name]
+        assert len(r["clip_gain"]) == len(r["l1"]) == len(r["judged_gain"]) == 2 and r["factor"] == "age"
+        assert all(_finite(r[k]) for k in ("clip_gain_mean", "l1_mean", "judged_gain_mean", "s_per_image"))
+        assert r["l1_mean"] > 0  # the edits changed the images
+    assert demo["within_5_percent"] == all(abs(x) <= 0.05 for x in demo["relative"].values())
+    proc = _run_demo_bench("quality_vs_original.py", "--world", "ncsnpp", *tiny, "--json", str(tmp_path / "n.json"))
+    ncsnpp = json.loads((tmp_path / "n.json").read_text())
+    assert ncsnpp["model"].startswith("random NCSN++") and ncsnpp["ours"]["l1_mean"] > 0
+    assert ncsnpp["edits_max_abs_diff"] < 1e-4 and ncsnpp["within_5_percent"]
+    assert "ours vs original" in proc.stdout

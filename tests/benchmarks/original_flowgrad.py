@@ -112,19 +112,21 @@ def segment_set_from_starts(starts: list[int], n_steps: int) -> SegmentSet:
     return {"indices": list(starts), "length": {s: e - s for s, e in zip(starts, ends)}}
 
 
-def original_straightness(pred_list: list[Tensor], threshold: float) -> SegmentSet:
+def original_straightness(pred_list: list[Tensor], threshold: float, wrap: bool = True) -> SegmentSet:
     """The original's segmentation from the CPU velocity list (wrap-around at step 0).
 
     Args:
         pred_list: N velocities (on the CPU), one per step.
         threshold: accumulated straightness that closes a segment.
+        wrap: False: step 0 compares with step 1 only (flowgrad's one-sided rule) instead of also with the
+            last step; an experiment's switch, not the original's behaviour.
     """
     n = len(pred_list)
     segments: SegmentSet = {"indices": [], "length": {}}
     acc_straightness, acc_length, cur_index = 0.0, 0, 0
     for i in range(n):
         norm = pred_list[i].pow(2).sum()
-        d1 = (pred_list[i - 1] - pred_list[i]).pow(2).sum() / norm       # i = 0 wraps to the last step
+        d1 = (pred_list[i - 1] - pred_list[i]).pow(2).sum() / norm if wrap or i > 0 else 0.0  # i = 0 wraps
         d2 = (pred_list[i + 1] - pred_list[i]).pow(2).sum() / norm if i + 1 < n else 0.0
         acc_straightness += float(max(d1, d2))
         acc_length += 1
@@ -138,7 +140,8 @@ def original_straightness(pred_list: list[Tensor], threshold: float) -> SegmentS
 @torch.no_grad()
 def original_generate_traj(velocity: Callable[[Tensor, Tensor], Tensor], z0: Tensor, u: Controls | None = None,
                            n_steps: int = 100,
-                           threshold: float | None = None) -> tuple[list[Tensor], SegmentSet | None]:
+                           threshold: float | None = None,
+                           wrap: bool = True) -> tuple[list[Tensor], SegmentSet | None]:
     """The original's controlled Euler trajectory.
 
     Args:
@@ -147,6 +150,7 @@ def original_generate_traj(velocity: Callable[[Tensor, Tensor], Tensor], z0: Ten
         u: {step: control} or None.
         n_steps: N.
         threshold: straightness threshold, or None to skip the segmentation.
+        wrap: see :func:`original_straightness`.
 
     Returns:
         (states x_0 .. x_N as a list, x_0 on the CPU and the rest on z0's device; the segment set or None).
@@ -163,7 +167,7 @@ def original_generate_traj(velocity: Callable[[Tensor, Tensor], Tensor], z0: Ten
         z = z.detach().clone() + pred * dt
         traj.append(z.detach().clone())
         pred_list.append(pred.detach().clone().cpu())
-    return traj, (None if threshold is None else original_straightness(pred_list, threshold))
+    return traj, (None if threshold is None else original_straightness(pred_list, threshold, wrap))
 
 
 def original_backprop(velocity: Callable[[Tensor, Tensor], Tensor], z_traj: list[Tensor], lam: Tensor,
@@ -203,7 +207,7 @@ def original_backprop(velocity: Callable[[Tensor, Tensor], Tensor], z_traj: list
 def original_optimization(velocity: Callable[[Tensor, Tensor], Tensor], z0: Tensor,
                           loss_fn: Callable[[Tensor], Tensor], n_steps: int = 100, iterations: int = 10,
                           threshold: float = 5e-3, lr: float = 10.0, *, segments: SegmentSet | None = None,
-                          timer: _Timer | None = None) -> OriginalResult:
+                          timer: _Timer | None = None, wrap: bool = True) -> OriginalResult:
     """The original ``flowgrad_optimization`` for one image (controls at every step).
 
     Args:
@@ -216,6 +220,7 @@ def original_optimization(velocity: Callable[[Tensor, Tensor], Tensor], z0: Tens
         timer: optional object with ``phase(name)`` context managers; phases "forward" (trajectory
             and straightness), "loss" (loss, λ, host copies, best tracking), "backward" (VJPs and
             re-assignment), "step" (zero_grad and SGD).
+        wrap: the straightness rule at step 0 (see :func:`original_straightness`; True = the original's).
 
     Returns:
         :class:`OriginalResult` holding the LAST controls.
@@ -240,7 +245,8 @@ def original_optimization(velocity: Callable[[Tensor, Tensor], Tensor], z0: Tens
         with timer.phase("step"):
             optimizer.zero_grad()
         with timer.phase("forward"):
-            z_traj, found = original_generate_traj(velocity, z0, u=u, n_steps=n_steps, threshold=threshold)
+            z_traj, found = original_generate_traj(velocity, z0, u=u, n_steps=n_steps, threshold=threshold,
+                                                   wrap=wrap)
         plan = segments if segments is not None else found
         with timer.phase("loss"):
             inputs = z_traj[-1].to(device).detach().clone().requires_grad_(True)
