@@ -42,6 +42,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+import common as C  # noqa: E402
+
 from flowgrad import FlowGradConfig, invert, optimize  # noqa: E402
 from flowgrad.clip_guidance import ClipLoss, clip_score, random_clip  # noqa: E402
 from flowgrad.cuda_graphs import GraphedVelocity  # noqa: E402
@@ -131,7 +133,7 @@ def run_original(world: dict[str, Any], args) -> tuple[Tensor, float, list[list[
         traj, _ = original_generate_traj(v, z0, u=result.controls, n_steps=args.steps)
         edits.append(v.to_image(traj[-1].to(source.device)).detach())
         losses.append([float(x) for x in result.losses])
-    _sync(sources.device)
+    C.sync(sources.device)
     return torch.cat(edits), (time.perf_counter() - t0) / sources.shape[0], losses
 
 
@@ -156,17 +158,12 @@ def run_ours(world: dict[str, Any], args) -> tuple[Any, float, float]:
     if args.compile or args.graphs:
         t0 = time.perf_counter()
         edit(1)
-        _sync(sources.device)
+        C.sync(sources.device)
         warm = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = edit(args.iterations)
-    _sync(sources.device)
+    C.sync(sources.device)
     return result, (time.perf_counter() - t0) / n, warm
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(world: dict[str, Any], edits: Tensor) -> dict[str, Any]:
@@ -194,7 +191,7 @@ def relative(ours: float, original: float) -> float:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = torch.device(args.device)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False   # float32 proper, as edit
+    C.set_tf32(False)   # float32 proper, as `flowgrad edit` runs
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     world = build(args, device)
     print(f"{card} | {world['model']} | prompt {world['prompt']!r} | {args.n_images} images, N={args.steps}, "
